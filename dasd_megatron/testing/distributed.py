@@ -67,7 +67,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) ->
                 join=True,
                 start_method="spawn",
             )
-        except mp.ProcessRaisedException as exc:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             details = []
             for r in range(world_size):
                 p = os.path.join(outdir, f"rank{r}.pt")

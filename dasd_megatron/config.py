@@ -1,0 +1,310 @@
+"""Frozen, validated configuration dataclasses and dotted `key=value` overrides.
+
+Each component owns its sub-config; `RunConfig` gathers them. Every check runs at construction (and the cross-field
+layout check in `RunConfig.validate_layout`, before any process group starts), and every error names the dotted
+field, the bad value, the rule and the fix. Model *architecture* is never typed here: it is read from a Hugging Face
+`config.json` (see `dasd_megatron.model.hf_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field, the value, the rule and the fix."""
+
+
+def config_error(field_name: str, value: Any, rule: str, fix: str) -> ConfigError:
+    return ConfigError(f"{field_name}={value!r}: {rule}. Fix: {fix}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build. The architecture comes from `hf_config` (a directory with config.json, or the file)."""
+
+    hf_config: str = ""
+    """Path of a Hugging Face model directory (or its config.json). Required."""
+    seq_length: int = 1024
+    """Longest packed sequence (tokens) a micro-batch holds; also the RoPE table length."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding/output rows are padded to a multiple of this times the TP size (megatron convention)."""
+    attention_backend: Literal["auto", "te", "sdpa", "local"] = "auto"
+    """Layer spec: 'te' (Transformer Engine), 'sdpa' (megatron local spec with our torch SDPA core attention),
+    'local' (megatron's own DotProductAttention; slow, for comparison). 'auto' = te if it imports, else sdpa."""
+    init_method_std: float = 0.02
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1:
+            raise config_error("model.seq_length", self.seq_length, "must be >= 1", "set a positive token count")
+        if self.make_vocab_size_divisible_by < 1:
+            raise config_error(
+                "model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, "must be >= 1",
+                "use 128 (megatron's default) or 1 to disable padding",
+            )
+        if self.attention_backend not in ("auto", "te", "sdpa", "local"):
+            raise config_error(
+                "model.attention_backend", self.attention_backend, "unknown backend", "use auto, te, sdpa or local"
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout. world size = tensor * pipeline * context * data."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    data: Optional[int] = None
+    """Data-parallel degree; None = whatever the world size leaves after tensor*pipeline*context."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor > 1)."""
+    use_distributed_optimizer: bool = False
+    virtual_pipeline: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "context"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise config_error(f"parallel.{name}", v, "must be an integer >= 1", "use 1 to disable it")
+        if self.data is not None and (not isinstance(self.data, int) or self.data < 1):
+            raise config_error("parallel.data", self.data, "must be an integer >= 1 or None", "use None to derive it")
+        if self.sequence_parallel and self.tensor == 1:
+            raise config_error(
+                "parallel.sequence_parallel", True, "sequence parallelism needs parallel.tensor > 1",
+                "set parallel.sequence_parallel=false or parallel.tensor >= 2",
+            )
+        if self.virtual_pipeline is not None and self.pipeline == 1:
+            raise config_error(
+                "parallel.virtual_pipeline", self.virtual_pipeline, "needs parallel.pipeline > 1",
+                "unset parallel.virtual_pipeline or raise parallel.pipeline",
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The DP degree for `world_size`, after checking the product of all degrees equals it."""
+        model_parallel = self.tensor * self.pipeline * self.context
+        if world_size % model_parallel != 0:
+            raise config_error(
+                "parallel", f"tensor={self.tensor} pipeline={self.pipeline} context={self.context}",
+                f"world size {world_size} is not divisible by tensor*pipeline*context={model_parallel}",
+                f"launch a multiple of {model_parallel} processes or change the degrees",
+            )
+        dp = world_size // model_parallel
+        if self.data is not None and self.data != dp:
+            raise config_error(
+                "parallel.data", self.data,
+                f"world size {world_size} != tensor*pipeline*context*data = {model_parallel * self.data}",
+                f"set parallel.data={dp} (or leave it unset) or launch {model_parallel * self.data} processes",
+            )
+        return dp
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter and activation dtype (bf16 on GPUs; fp32 is the CPU default and the test reference)."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """Transformer Engine FP8 format; needs attention_backend te (and TE installed)."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+
+    def __post_init__(self) -> None:
+        if self.params_dtype not in DTYPES:
+            raise config_error("precision.params_dtype", self.params_dtype, "unknown dtype", f"use one of {DTYPES}")
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise config_error("precision.fp8", self.fp8, "unknown FP8 format", "use e4m3, hybrid or null")
+        if self.fp8 is not None and self.params_dtype == "float32":
+            raise config_error(
+                "precision.fp8", self.fp8, "FP8 training runs with bf16 parameters",
+                "set precision.params_dtype=bfloat16",
+            )
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.params_dtype]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run. Later components (data, rollout, loss, train) add their sub-configs here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    run_dir: str = "runs/default"
+
+    def validate_layout(self, world_size: int, arch=None, te_available: Optional[bool] = None) -> None:
+        """Cross-field checks against the architecture and world size. Call before any process group starts."""
+        from dasd_megatron.model.hf_config import load_hf_architecture
+        from dasd_megatron.model.specs import transformer_engine_available
+
+        arch = arch if arch is not None else load_hf_architecture(self.model.hf_config)
+        te = transformer_engine_available() if te_available is None else te_available
+        validate_layout(self, arch, world_size, te)
+
+
+def validate_layout(cfg: RunConfig, arch, world_size: int, te_available: bool) -> None:
+    """All layout rules that need both the architecture and the parallel degrees."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp, cp = p.tensor, p.pipeline, p.context
+    p.data_parallel_size(world_size)
+    if arch.num_attention_heads % tp:
+        raise config_error(
+            "parallel.tensor", tp,
+            f"must divide the model's num_attention_heads={arch.num_attention_heads}",
+            f"use one of {_divisors(arch.num_attention_heads)}",
+        )
+    if arch.num_query_groups % tp:
+        raise config_error(
+            "parallel.tensor", tp,
+            f"must divide the model's num_key_value_heads={arch.num_query_groups} (GQA groups are split across TP)",
+            f"use one of {_divisors(arch.num_query_groups)}",
+        )
+    if (arch.vocab_size % tp) and m.make_vocab_size_divisible_by == 1:
+        raise config_error(
+            "model.make_vocab_size_divisible_by", 1,
+            f"vocab_size={arch.vocab_size} is not divisible by parallel.tensor={tp} and padding is disabled",
+            "set model.make_vocab_size_divisible_by=128 (pads the vocabulary) or pick a tensor size dividing "
+            f"{arch.vocab_size}",
+        )
+    if arch.num_layers % pp:
+        raise config_error(
+            "parallel.pipeline", pp, f"must divide the model's num_hidden_layers={arch.num_layers}",
+            f"use one of {_divisors(arch.num_layers)}",
+        )
+    if p.virtual_pipeline is not None and arch.num_layers % (pp * p.virtual_pipeline):
+        raise config_error(
+            "parallel.virtual_pipeline", p.virtual_pipeline,
+            f"pipeline*virtual_pipeline must divide num_hidden_layers={arch.num_layers}", "choose a smaller value",
+        )
+    if cp > 1 and m.seq_length % (2 * cp):
+        raise config_error(
+            "model.seq_length", m.seq_length,
+            f"context parallelism splits each sequence into 2*context={2 * cp} zig-zag chunks, so it must be "
+            "divisible by that",
+            f"use a multiple of {2 * cp}, e.g. {((m.seq_length + 2 * cp - 1) // (2 * cp)) * 2 * cp}",
+        )
+    if p.sequence_parallel and m.seq_length % tp:
+        raise config_error(
+            "model.seq_length", m.seq_length, f"sequence parallelism needs it divisible by parallel.tensor={tp}",
+            f"use a multiple of {tp}",
+        )
+    backend = m.attention_backend
+    if cfg.precision.fp8 is not None:
+        if not te_available:
+            raise config_error(
+                "precision.fp8", cfg.precision.fp8, "FP8 needs Transformer Engine, which is not installed",
+                "install the gpu extra (pip install 'dasd-megatron[gpu]') on a CUDA machine or set precision.fp8=null",
+            )
+        if backend not in ("auto", "te"):
+            raise config_error(
+                "precision.fp8", cfg.precision.fp8, f"FP8 runs through the TE layer spec, not attention_backend={backend}",
+                "set model.attention_backend=te (or auto)",
+            )
+    if backend == "te" and not te_available:
+        raise config_error(
+            "model.attention_backend", "te", "Transformer Engine is not installed",
+            "use model.attention_backend=sdpa (or auto), or install the gpu extra on a CUDA machine",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dotted overrides and (de)serialisation
+
+
+def _coerce(field_name: str, annotation: Any, raw: str) -> Any:
+    """Parse a command-line string into the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        return _coerce(field_name, non_none[0], raw)
+    if origin is Literal:
+        for a in args:
+            if str(a) == raw:
+                return a
+        raise ConfigError(f"{field_name}={raw!r}: not one of {list(args)}. Fix: pick one of them")
+    if annotation is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{field_name}={raw!r}: not a boolean. Fix: use true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise ConfigError(f"{field_name}={raw!r}: not a valid {annotation.__name__}. Fix: give a number") from None
+    if annotation is str:
+        return raw
+    if origin in (tuple, list):
+        return annotation(json.loads(raw)) if raw.startswith("[") else tuple(x for x in raw.split(",") if x)
+    return json.loads(raw)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Return a copy of `cfg` with dotted `key=value` overrides applied (e.g. `parallel.tensor=2`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. parallel.tensor=2")
+        key, raw = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), raw.strip(), key.strip())
+    return cfg
+
+
+def _set_path(obj, path: list[str], raw: str, full_key: str):
+    name = path[0]
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"{full_key}: {type(obj).__name__} has no sub-fields. Fix: remove the extra '.{name}'")
+    names = [f.name for f in dataclasses.fields(obj)]
+    if name not in names:
+        raise ConfigError(f"{full_key}: unknown field {name!r} of {type(obj).__name__}. Fix: use one of {names}")
+    if len(path) == 1:
+        value = _coerce(full_key, _field_types(type(obj))[name], raw)
+    else:
+        value = _set_path(getattr(obj, name), path[1:], raw, full_key)
+    return dataclasses.replace(obj, **{name: value})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}. Fix: use only {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = from_dict(t, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)

@@ -1,0 +1,119 @@
+"""Megatron training machinery: DDP wrapping, the optimizer, and one forward-backward over micro-batches.
+
+The loss convention is megatron's `calculate_per_token_loss`: each micro-batch's loss function returns the *sum*
+of its per-token losses and its token count; megatron's `finalize_model_grads` all-reduces the token count over
+DP (and CP) and divides the gradients by it, so the step optimises the token mean over the global batch whatever
+the DP/CP/micro-batch split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from dasd_megatron.config import config_error
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise config_error("optim.lr", self.lr, "must be > 0", "use e.g. 1e-6 for RL fine-tuning")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise config_error("optim.adam_beta1/2", (self.adam_beta1, self.adam_beta2), "must be in [0, 1)",
+                               "use 0.9 / 0.999")
+        if self.clip_grad < 0:
+            raise config_error("optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+
+
+def wrap_ddp(model, *, use_distributed_optimizer: bool = False, bucket_size: int | None = None):
+    """megatron's DistributedDataParallel around one model chunk, grads accumulated in fp32 main_grad."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    cfg = model.config
+    cfg.no_sync_func = ddp.no_sync
+    cfg.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(ddp_model, cfg: OptimConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    mcfg = ddp_model.config
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=mcfg.bf16,
+        fp16=mcfg.fp16,
+        params_dtype=mcfg.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(ocfg, [ddp_model])
+
+
+def forward_backward(
+    model,
+    microbatches: Iterable,
+    forward_step: Callable,
+    *,
+    seq_length: int,
+    micro_batch_size: int = 1,
+    forward_only: bool = False,
+):
+    """Run megatron's forward-backward schedule (no pipelining or 1F1B by the PP size) over `microbatches`.
+
+    `forward_step(batch, model) -> (output_tensor, loss_func)`, where `loss_func(output_tensor)` returns
+    `(loss_sum, num_tokens, reports)` (megatron's per-token-loss convention). Returns the schedule's list of
+    per-micro-batch reports (last pipeline stage; empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    items = list(microbatches)
+
+    def step(data_iterator, model_chunk):
+        return forward_step(next(data_iterator), model_chunk)
+
+    fb = get_forward_backward_func()
+    if not forward_only:
+        model.zero_grad_buffer()
+    return fb(
+        forward_step_func=step,
+        data_iterator=iter(items),
+        model=[model],
+        num_microbatches=len(items),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def optimizer_step(optimizer) -> dict:
+    """One optimizer step; returns {'grad_norm', 'update_successful', 'num_zeros'}."""
+    ok, grad_norm, num_zeros = optimizer.step()
+    optimizer.zero_grad()
+    return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "num_zeros": num_zeros}
