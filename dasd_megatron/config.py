@@ -73,7 +73,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1)."""
     use_distributed_optimizer: bool = False
-    virtual_pipeline: Optional[int] = None
+    """Shard optimizer state over DP (megatron's distributed optimizer)."""
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "context"):
@@ -86,11 +86,6 @@ class ParallelConfig:
             raise config_error(
                 "parallel.sequence_parallel", True, "sequence parallelism needs parallel.tensor > 1",
                 "set parallel.sequence_parallel=false or parallel.tensor >= 2",
-            )
-        if self.virtual_pipeline is not None and self.pipeline == 1:
-            raise config_error(
-                "parallel.virtual_pipeline", self.virtual_pipeline, "needs parallel.pipeline > 1",
-                "unset parallel.virtual_pipeline or raise parallel.pipeline",
             )
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -187,11 +182,6 @@ def validate_layout(cfg: RunConfig, arch, world_size: int, te_available: bool) -
         raise config_error(
             "parallel.pipeline", pp, f"must divide the model's num_hidden_layers={arch.num_layers}",
             f"use one of {_divisors(arch.num_layers)}",
-        )
-    if p.virtual_pipeline is not None and arch.num_layers % (pp * p.virtual_pipeline):
-        raise config_error(
-            "parallel.virtual_pipeline", p.virtual_pipeline,
-            f"pipeline*virtual_pipeline must divide num_hidden_layers={arch.num_layers}", "choose a smaller value",
         )
     if cp > 1 and m.seq_length % (2 * cp):
         raise config_error(

@@ -147,6 +147,29 @@ def _install_cpu_rng_tracker() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
 
 
+def _install_cpu_type_names() -> None:
+    """megatron.core.optimizer (optimizer.py Float16OptimizerWithFloat16Params, distrib_optimizer.py,
+    clip_grads.clip_grad_by_total_norm_fp32) asserts `param.type() == 'torch.cuda.FloatTensor'` (or Half/BFloat16).
+
+    For calls made from those modules only, a no-argument `Tensor.type()` answers with the CUDA type name of the
+    same dtype; every other caller gets torch's own answer.
+    """
+    import sys
+
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or not isinstance(name, str) or not name.startswith("torch."):
+            return name
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.core.optimizer") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = type_
+
+
 def apply_cpu_compat() -> bool:
     """Patch megatron-core for a CPU-only torch. Returns True if patches were applied (False on CUDA)."""
     global _applied
@@ -179,6 +202,7 @@ def apply_cpu_compat() -> bool:
     # rope_utils.get_pos_emb_on_this_cp_rank and the optimizer's state reload call `.cuda()` on CPU tensors.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
+    _install_cpu_type_names()
     _install_cpu_rng_tracker()
 
     # Hard-coded device="cuda" / torch.autocast("cuda") in tensor factories of these modules.

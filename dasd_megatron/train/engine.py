@@ -26,7 +26,6 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    use_distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -56,6 +55,8 @@ def wrap_ddp(model, *, use_distributed_optimizer: bool = False, bucket_size: int
 
 
 def build_optimizer(ddp_model, cfg: OptimConfig):
+    """megatron's optimizer (Adam) over the DDP-wrapped model; sharded over DP when the DDP wrapper was built with
+    the distributed optimizer (`parallel.use_distributed_optimizer`)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     mcfg = ddp_model.config
@@ -71,7 +72,7 @@ def build_optimizer(ddp_model, cfg: OptimConfig):
         bf16=mcfg.bf16,
         fp16=mcfg.fp16,
         params_dtype=mcfg.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
     )
     return get_megatron_optimizer(ocfg, [ddp_model])
 

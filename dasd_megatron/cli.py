@@ -1,0 +1,175 @@
+"""The `dasd` command line.
+
+    dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
+    dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
+
+Overrides are dotted config fields, e.g. `parallel.tensor=2 model.hf_config=/path/to/hf_model`. With `--nproc N`
+and no torchrun environment, the command re-launches itself under `torch.distributed.run` with N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from dasd_megatron.config import ConfigError, RunConfig, apply_overrides, to_dict
+
+log = logging.getLogger("dasd")
+
+
+def _default_model_dir(run_dir: str) -> str:
+    """A tiny Qwen3-shaped HF config written into the run folder (random weights), for smoke runs."""
+    from dasd_megatron.model.hf_config import tiny_config
+
+    d = os.path.join(run_dir, "tiny_qwen3")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "config.json")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(tiny_config("qwen3", num_hidden_layers=4, vocab_size=1024), f, indent=2)
+    return d
+
+
+def _resolve(args) -> RunConfig:
+    cfg = apply_overrides(RunConfig(), args.overrides)
+    if not cfg.model.hf_config:
+        cfg = apply_overrides(cfg, [f"model.hf_config={_default_model_dir(cfg.run_dir)}"])
+    return cfg
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` local processes."""
+    import subprocess
+
+    from dasd_megatron.testing.distributed import free_port
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop --nproc (torchrun would take it for an abbreviation of its own flag)
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "dasd_megatron.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_validate(args) -> int:
+    cfg = _resolve(args)
+    cfg.validate_layout(args.world_size)
+    print(f"OK: {json.dumps(to_dict(cfg))}")
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    """A few optimizer steps of next-token training on a fixed random batch: proves the layout end to end."""
+    if args.nproc > 1 and "RANK" not in os.environ:
+        cfg = _resolve(args)  # fail on bad config before any process starts
+        cfg.validate_layout(args.nproc)
+        return _relaunch_under_torchrun(args.nproc)
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dasd_megatron.model.builder import build_model, layout_summary
+    from dasd_megatron.model.hf_config import load_hf_architecture
+    from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
+    from dasd_megatron.train.engine import OptimConfig, build_optimizer, forward_backward, optimizer_step, wrap_ddp
+
+    cfg = _resolve(args)
+    world = env_world_size()
+    arch = load_hf_architecture(cfg.model.hf_config)
+    cfg.validate_layout(world, arch)
+    ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
+    console = Console(stderr=True, quiet=not ctx.is_logging_rank)
+    console.print(f"[bold]layout[/bold] {layout_summary(cfg, arch, world)}")
+    if ctx.is_logging_rank:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+    model = wrap_ddp(build_model(cfg, arch), use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    opt = build_optimizer(model, OptimConfig(lr=args.lr))
+    seq = cfg.model.seq_length
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, arch.vocab_size, (ctx.dp * args.micro_batches, seq + 1), generator=g)
+    mine = data.chunk(ctx.dp)[ctx.dp_rank]
+    if ctx.cp > 1:
+        from dasd_megatron.loss.cp_align import ZigZagLayout
+
+        idx = ZigZagLayout([seq], ctx.cp).local_positions(ctx.cp_rank)
+    else:
+        idx = torch.arange(seq)
+    batches = [{"tokens": row[:-1][idx][None].to(ctx.device), "labels": row[1:][idx][None].to(ctx.device),
+                "pos": idx[None].to(ctx.device)} for row in mine]
+
+    def forward_step(batch, m):
+        out = m(batch["tokens"], batch["pos"], None, labels=batch["labels"])
+
+        def loss_func(per_token):
+            loss = per_token.float().sum()
+            n = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
+            return loss, n, {"lm loss": torch.stack([loss.detach(), n.float()])}
+
+        return out, loss_func
+
+    losses = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("smoke training", total=args.steps)
+        for step in range(1, args.steps + 1):
+            t0 = time.perf_counter()
+            reports = forward_backward(model, batches, forward_step, seq_length=seq)
+            stats = optimizer_step(opt)
+            loss = float("nan")
+            if reports:  # last pipeline stage
+                tot = torch.stack([r["lm loss"] for r in reports]).sum(0)
+                torch.distributed.all_reduce(tot, group=ctx.dp_cp_group)
+                loss = (tot[0] / tot[1]).item()
+            losses.append(loss)
+            progress.update(task, advance=1, description=f"step {step} loss {loss:.4f}")
+            if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0:
+                print(f"step {step:3d} | loss {loss:.4f} | grad_norm {stats['grad_norm']:.3f} | "
+                      f"{(time.perf_counter() - t0) * 1e3:.0f} ms", flush=True)
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0:
+        print(f"smoke: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} steps "
+              f"({'decreased' if losses[-1] < losses[0] else 'DID NOT DECREASE'})", flush=True)
+    destroy_parallel()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dasd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("smoke", help="train the policy model a few steps at a parallel layout (CPU or GPU)")
+    s.add_argument("--nproc", type=int, default=1, help="processes to launch (torchrun) when not already under one")
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step per DP rank")
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor=2")
+    s.set_defaults(func=cmd_smoke)
+    v = sub.add_parser("validate", help="check a config for a world size without starting anything")
+    v.add_argument("--world-size", type=int, required=True)
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("DASD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"dasd: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
