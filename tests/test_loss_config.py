@@ -10,7 +10,8 @@ from dasd_megatron.loss import DASDLossConfig
 def test_defaults_follow_method():
     c = DASDLossConfig()
     assert (c.beta, c.rho, c.convention, c.router_mode) == (1.0, 0.2, "upper", "tanh")
-    assert (c.router_gate, c.c_max, c.estimator, c.compile_kernels) == (True, 5.0, "full", False)
+    assert (c.router_gate, c.c_max, c.estimator, c.compile_kernels) == (True, 5.0, "full", None)
+    assert c.kernel_kwargs["compile"] is False  # auto: compiled only with CUDA (none here)
     assert (c.clip_eps_low, c.clip_eps_high, c.is_cap, c.gap_scale) == (0.2, 0.28, 2.0, "mean_abs")
     assert c.reward_term and c.advantage_std_normalize and c.advantage_eps == 1e-6
     assert c.quantile_level == pytest.approx(0.8)
