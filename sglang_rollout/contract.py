@@ -205,6 +205,8 @@ ENDPOINTS: dict[str, Endpoint] = {
             _f("new_version", "str", required=True),
             _f("abort_all_requests", "bool", default=True),
         ),
+        _control("/get_weights_by_name", ("GET", "POST"), _f("name", "str", required=True),
+                 _f("truncate_size", "int", default=100)),
         _control("/release_memory_occupation", ("GET", "POST"), _f("tags", "list[str]", "null")),
         _control("/resume_memory_occupation", ("GET", "POST"), _f("tags", "list[str]", "null")),
         _control("/pause_generation", ("POST",), _f("mode", "str", default="abort")),

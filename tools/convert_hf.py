@@ -134,8 +134,7 @@ def copy_aux_files(src: str, dst: str, config_override: dict | None = None) -> l
 def _progress(total: int, desc: str, unit: str = "it", **kw):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=_rank() != 0 or not sys.stderr.isatty() and
-                os.environ.get("DASD_PROGRESS") != "1", **kw)
+    return tqdm(total=total, desc=desc, unit=unit, disable=_rank() != 0, mininterval=1.0, **kw)
 
 
 def _run_config(hf_config_dir: str, dtype: torch.dtype, tp: int, pp: int, vocab_divisor: int):

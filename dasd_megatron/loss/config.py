@@ -37,11 +37,11 @@ pure self-distillation = `reward_term=False, router_mode='constant', router_cons
 
 from __future__ import annotations
 
-import torch
-
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
+
+import torch
 
 _SECTION = "loss"
 
