@@ -13,7 +13,12 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+if TYPE_CHECKING:
+    from dasd_megatron.loss.config import DASDLossConfig
+    from dasd_megatron.train.config import TrainConfig
+    from dasd_megatron.train.engine import OptimConfig
 
 
 class ConfigError(ValueError):
@@ -135,13 +140,34 @@ class PrecisionConfig:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.params_dtype]
 
 
+def _loss_config():
+    from dasd_megatron.loss.config import DASDLossConfig
+
+    return DASDLossConfig()
+
+
+def _optim_config():
+    from dasd_megatron.train.engine import OptimConfig
+
+    return OptimConfig()
+
+
+def _train_config():
+    from dasd_megatron.train.config import TrainConfig
+
+    return TrainConfig()
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole run. Later components (data, rollout, loss, train) add their sub-configs here."""
+    """The whole run: each component's sub-config (data and rollout are added by their components)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    loss: "DASDLossConfig" = field(default_factory=_loss_config)
+    optim: "OptimConfig" = field(default_factory=_optim_config)
+    train: "TrainConfig" = field(default_factory=_train_config)
     run_dir: str = "runs/default"
 
     def validate_layout(self, world_size: int, arch=None, te_available: Optional[bool] = None) -> None:
@@ -251,7 +277,12 @@ def _coerce(field_name: str, annotation: Any, raw: str) -> Any:
 
 
 def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    from dasd_megatron.loss.config import DASDLossConfig
+    from dasd_megatron.train.config import TrainConfig
+    from dasd_megatron.train.engine import OptimConfig
+
+    ns = {"DASDLossConfig": DASDLossConfig, "TrainConfig": TrainConfig, "OptimConfig": OptimConfig}
+    return typing.get_type_hints(cls, localns=ns)
 
 
 def apply_overrides(cfg, overrides: list[str]):

@@ -1,0 +1,56 @@
+"""Training-loop configuration (the DASD step: batch sizes, teacher weights, intervals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dasd_megatron.config import config_error
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20
+    """Optimizer steps (one rollout batch each)."""
+    prompts_per_step: int = 8
+    """Prompts per step over the whole job (all DP ranks)."""
+    samples_per_prompt: int = 8
+    """G: rollouts per prompt (the GRPO group)."""
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 1024
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (student sequences; the teacher's are packed the same way)."""
+    teacher: Literal["current", "frozen", "ema"] = "current"
+    """Teacher weights: the current policy (METHOD.md default), the frozen initial policy, or an EMA of the policy."""
+    ema_decay: float = 0.99
+    dynamic_sampling: bool = False
+    """Drop prompt groups whose rewards have zero variance (and draw more prompts to refill the batch)."""
+    eval_interval: int = 0
+    """Steps between evaluations (0: never)."""
+    checkpoint_interval: int = 10
+    keep_last_checkpoints: int = 2
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_response_tokens",
+                     "micro_batch_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise config_error(f"train.{name}", v, "must be an integer >= 1", "set a positive value")
+        if self.samples_per_prompt < 2:
+            raise config_error("train.samples_per_prompt", self.samples_per_prompt,
+                               "GRPO needs at least 2 samples per prompt to compare them", "use 2 or more (8 is usual)")
+        if self.micro_batch_tokens < self.max_prompt_tokens + self.max_response_tokens:
+            raise config_error(
+                "train.micro_batch_tokens", self.micro_batch_tokens,
+                f"must hold one whole sequence (max_prompt_tokens + max_response_tokens = "
+                f"{self.max_prompt_tokens + self.max_response_tokens})",
+                f"set train.micro_batch_tokens >= {self.max_prompt_tokens + self.max_response_tokens}",
+            )
+        if self.teacher not in ("current", "frozen", "ema"):
+            raise config_error("train.teacher", self.teacher, "unknown teacher mode", "use current, frozen or ema")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise config_error("train.ema_decay", self.ema_decay, "must be in (0, 1)", "use e.g. 0.99")
+        for name in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):
+            if getattr(self, name) < 0:
+                raise config_error(f"train.{name}", getattr(self, name), "must be >= 0", "use 0 to disable")
