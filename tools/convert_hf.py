@@ -2,6 +2,7 @@
 
     python tools/convert_hf.py import HF_DIR CKPT_DIR [--dtype auto|float32|bfloat16|float16]
     python tools/convert_hf.py export CKPT_DIR HF_OUT [--dtype ...] [--max-shard-size 2GB]
+    torchrun --nproc_per_node 2 tools/convert_hf.py export CKPT_DIR HF_OUT --tp 2    # a larger layout
 
 `import` validates the HF folder (config, weight files, names, shapes) before writing anything, fills a megatron
 GPTModel through the declarative mapping (`dasd_megatron.model.hf_mapping`) and saves it with megatron's
@@ -149,6 +150,18 @@ def _run_config(hf_config_dir: str, dtype: torch.dtype, tp: int, pp: int, vocab_
     )
 
 
+def _one_line(exc, limit: int = 200) -> str:
+    """A short one-line description of `exc`; for torch's CheckpointException, of the first rank's failure."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+        exc = exc[0] if isinstance(exc, tuple) else exc  # (exception, traceback) per rank
+    if isinstance(exc, KeyError) and exc.args:
+        exc = exc.args[0]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -183,15 +196,13 @@ def run_import(hf_dir: str, out_dir: str, *, dtype: str = "auto", tp: int = 1, p
     check_output(out_dir, overwrite)
 
     from dasd_megatron.model.builder import build_model
-    from dasd_megatron.model.hf_config import padded_vocab_size
     from dasd_megatron.train.checkpoint import save_model
 
     t0 = time.perf_counter()
     with parallel_session(tp, pp), staged_output(out_dir, overwrite) as tmp:
         model = build_model(cfg, arch)
-        padded = padded_vocab_size(arch.vocab_size, vocab_divisor, tp)
         with _progress(count_local_params(model), "import: loading HF weights", "tensor") as bar:
-            nbytes = load_hf_weights(model, ckpt, padded_vocab=padded, progress=bar)
+            nbytes = load_hf_weights(model, ckpt, progress=bar)
         save_model(model, tmp)
         if _rank() == 0:
             copy_aux_files(hf_dir, os.path.join(tmp, HF_SUBDIR))
@@ -256,10 +267,11 @@ def run_export(ckpt_dir: str, out_dir: str, *, dtype: str = "auto", hf_config: s
         model = build_model(cfg, arch)
         try:
             load_model(model, ckpt_dir)
-        except Exception as e:  # noqa: BLE001 - megatron raises many types; report one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise ConversionError(f"cannot load {ckpt_dir} into a {arch.model_type} model built from {hf_src}: "
-                                  f"{first}. Fix: pass the checkpoint's own HF config (--hf-config)") from None
+                                  f"{_one_line(e)}. Fix: pass the checkpoint's own HF config (--hf-config)") from None
         t_load = time.perf_counter()
         nbytes = 0
         if ctx.dp_rank == 0 and ctx.cp_rank == 0:  # one replica exports; the others hold the same weights
@@ -311,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in OUT_DIR/hf/.")
     imp.add_argument("hf_dir", metavar="HF_DIR")
     imp.add_argument("out_dir", metavar="OUT_DIR")
-    imp.add_argument("--dtype", default="auto", help="parameter dtype: auto (the safetensors dtype), float32, "
+    imp.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="parameter dtype: auto (the safetensors dtype), float32, "
                                                      "bfloat16, float16")
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128, dest="vocab_divisor",
                      help="vocabulary padding multiple (megatron convention; default 128)")
@@ -323,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "by transformers' from_pretrained.")
     exp.add_argument("ckpt_dir", metavar="CKPT_DIR")
     exp.add_argument("out_dir", metavar="OUT_DIR")
-    exp.add_argument("--dtype", default="auto", help="output dtype: auto (the checkpoint's), float32, bfloat16, "
+    exp.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="output dtype: auto (the checkpoint's), float32, bfloat16, "
                                                      "float16")
     exp.add_argument("--hf-config", default=None, help="HF folder with config.json/tokenizer (default CKPT_DIR/hf)")
     exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")

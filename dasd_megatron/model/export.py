@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from dasd_megatron.model.hf_config import HFArchitecture
-from dasd_megatron.model.hf_import import _local_params
+from dasd_megatron.model.hf_import import local_params
 from dasd_megatron.model.hf_mapping import ConversionError, hf_shapes, order_key, resolve, to_hf
 
 DEFAULT_BUCKET_BYTES = 512 << 20
@@ -119,7 +119,7 @@ def plan_export(model, arch: HFArchitecture, *, bucket_bytes: int = DEFAULT_BUCK
     stage = dist.get_rank(pp_group)
     shapes = hf_shapes(arch)
     local = []
-    for gname, p, _ in _local_params(model):
+    for gname, p, _ in local_params(model):
         res = resolve(gname, arch)
         if res.rule.export:
             local.append((gname, stage, res.hf_names, tuple(shapes[n] for n in res.hf_names), dtype or p.dtype))
@@ -159,14 +159,18 @@ def iter_hf_weight_buckets(model, arch: HFArchitecture, *, bucket_bytes: int = D
                            dtype: Optional[torch.dtype] = None, receivers: Receivers = "sender",
                            plan: Optional[ExportPlan] = None, tp_group=None,
                            pp_group=None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield one list of `(hf_name, tensor)` per planned bucket; empty lists on ranks that do not receive."""
+    """Yield one list of `(hf_name, tensor)` per planned bucket; empty lists on ranks that do not receive.
+
+    A `plan` from `plan_export` (reusable across calls while the model's layout stays the same) overrides
+    `bucket_bytes` and `dtype`.
+    """
     if receivers not in ("sender", "all"):
         raise ConversionError(f"receivers={receivers!r}: unknown. Fix: use 'sender' or 'all'")
     tp_group, pp_group = _groups(tp_group, pp_group)
     if plan is None:
         plan = plan_export(model, arch, bucket_bytes=bucket_bytes, dtype=dtype, tp_group=tp_group,
                            pp_group=pp_group)
-    local = {gname: (p, inner) for gname, p, inner in _local_params(model)}
+    local = {gname: (p, inner) for gname, p, inner in local_params(model)}
     for bucket in plan.buckets:
         yield _export_bucket(bucket, local, arch, receivers, tp_group, pp_group)
 
@@ -329,7 +333,9 @@ class SafetensorsShardWriter:
         self.remaining[fn].discard(name)
         self.total_size += tensor.numel() * tensor.element_size()
         if not self.remaining[fn]:
-            save_file(self.pending.pop(fn), os.path.join(self.out_dir, fn), metadata={"format": "pt"})
+            path = os.path.join(self.out_dir, fn)
+            save_file(self.pending.pop(fn), path, metadata={"format": "pt"})
+            os.chmod(path, 0o644)  # safetensors creates files 0600; checkpoints are meant to be shared
 
     def finish(self) -> None:
         left = sorted(n for s in self.remaining.values() for n in s)

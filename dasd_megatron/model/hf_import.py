@@ -138,7 +138,8 @@ def _check_names_and_shapes(hf_dir: str, arch: HFArchitecture, shapes: dict) -> 
         raise ConversionError(f"{hf_dir}: {len(missing)} tensor(s) that config.json implies are missing, e.g. "
                               f"{missing[0]!r}. Fix: use the config.json that belongs to these weights")
     tied_head = arch.tie_word_embeddings and "lm_head.weight" in shapes
-    extra = [n for n in shapes if n not in expected and not is_ignored_hf(n) and not (tied_head and n == "lm_head.weight")]
+    extra = [n for n in shapes
+             if n not in expected and not is_ignored_hf(n) and not (tied_head and n == "lm_head.weight")]
     if extra:
         raise ConversionError(f"{hf_dir}: {len(extra)} tensor(s) the {arch.model_type} mapping does not know, e.g. "
                               f"{extra[0]!r}. Fix: check that config.json (model_type, qk-norm, bias, tying) "
@@ -152,7 +153,8 @@ def _check_names_and_shapes(hf_dir: str, arch: HFArchitecture, shapes: dict) -> 
         log.warning("%s: tie_word_embeddings=true; ignoring the stored lm_head.weight", hf_dir)
 
 
-def _local_params(model) -> Iterable[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
+def local_params(model) -> Iterable[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
+    """(global name, parameter, GPTModel) for every parameter of this rank's model chunk(s) (a model or a list)."""
     from dasd_megatron.model.sharding import global_name
 
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
@@ -169,19 +171,24 @@ def unwrap(module):
 
 
 @torch.no_grad()
-def load_hf_weights(model, ckpt: HFCheckpoint, *, padded_vocab: int, progress: Optional[object] = None) -> int:
-    """Copy the HF weights into this rank's model chunk(s) (any TP/PP layout). Returns the bytes loaded."""
+def load_hf_weights(model, ckpt: HFCheckpoint, *, progress: Optional[object] = None) -> int:
+    """Copy the HF weights into this rank's model chunk(s) (any TP/PP layout). Returns the bytes loaded.
+
+    The vocabulary padding is read off the model (rows per TP rank x TP size) and filled with zeros.
+    `progress` (e.g. a tqdm bar) is advanced once per parameter.
+    """
     from megatron.core import parallel_state as ps
 
     from dasd_megatron.model.sharding import is_glu_fc1, split_tp_shard
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     arch, done = ckpt.arch, 0
-    for gname, param, inner in _local_params(model):
+    for gname, param, inner in local_params(model):
         res = resolve(gname, arch)
-        full = from_hf(res, [ckpt.get(n) for n in res.hf_names], arch, padded_vocab)
         sharded = getattr(param, "tensor_model_parallel", False)
         dim = getattr(param, "partition_dim", 0)
+        padded_vocab = param.shape[0] * (tp if sharded else 1)
+        full = from_hf(res, [ckpt.get(n) for n in res.hf_names], arch, padded_vocab)
         shard = split_tp_shard(gname, full, dim, is_glu_fc1(gname, inner.config), tp_rank, tp) if sharded else full
         if tuple(shard.shape) != tuple(param.shape):
             raise ConversionError(f"{gname}: built from {list(res.hf_names)} it has shape {list(shard.shape)} on "
@@ -196,4 +203,5 @@ def load_hf_weights(model, ckpt: HFCheckpoint, *, padded_vocab: int, progress: O
 
 
 def count_local_params(model) -> int:
-    return sum(1 for _ in _local_params(model))
+    """How many parameters this rank holds (for progress bars)."""
+    return sum(1 for _ in local_params(model))

@@ -67,7 +67,7 @@ def full_named_tensors(model, *, grads: bool = False) -> dict[str, torch.Tensor]
     """Every parameter (or its main_grad/grad) as a full tensor under its global name, on every rank.
 
     For tests and small models: it gathers TP shards and then exchanges pipeline stages by object all-gather.
-    (The streaming exporter used for checkpoints and weight sync never holds the whole model.)
+    (The streaming exporter for checkpoints and weight sync, `dasd_megatron.model.export`, never holds the whole model.)
     """
     from megatron.core import parallel_state as ps
 

@@ -1,0 +1,19 @@
+"""Errors of the data pipeline. Messages follow the config convention: what, the value, the rule, and the fix."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """A data set could not be loaded or used."""
+
+
+class DataLoadError(DataError):
+    """`data.source` could not be loaded (missing file, unknown format, hub unreachable)."""
+
+
+class BadRowError(DataError):
+    """A row has no usable problem or answer and `data.on_bad_row=error`."""
+
+    def __init__(self, index: int, field: str, reason: str, fix: str):
+        self.index, self.field, self.reason = index, field, reason
+        super().__init__(f"row {index}: field {field!r}: {reason}. Fix: {fix}")

@@ -1,0 +1,148 @@
+"""Start and watch one node's rollout servers: ``python -m dasd_megatron.launch.rollout_node --run-dir RUN``.
+
+Reads ``RUN/launch.json`` (the placement) and ``RUN/config.json`` (the model), plans this node's servers
+(`plan_servers`: GPUs ``[i*tp, (i+1)*tp)``, port ``base_port + i*port_stride + $DASD_PORT_OFFSET``), starts each as a
+subprocess (``python -m sglang.launch_server``; the built-in CPU server for placement 'builtin'), announces each in
+the run folder once its ``/health`` answers (`dasd_megatron.launch.rendezvous`), and then watches them: when one
+exits, the others are stopped and the runner exits with that server's status; SIGTERM/SIGINT stop them all.
+
+The node index is ``--node-index``, else ``$SLURM_NODEID`` (relative to the het group's step), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+from dasd_megatron.launch.checks import CONFIG_FILE, read_launch_record
+from dasd_megatron.launch.placement import RolloutPlacement
+from dasd_megatron.launch.rendezvous import ServerRecord, remove_records, write_record
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    """One server this node starts: its command, environment additions, and where it will answer."""
+
+    index: int
+    port: int
+    gpus: tuple[int, ...]
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    url: str
+
+
+def plan_servers(placement: RolloutPlacement, model: str, *, host: str, port_offset: int = 0,
+                 python: str = sys.executable) -> list[ServerLaunch]:
+    """The servers of one node for `placement` (pure: starts nothing)."""
+    plans = []
+    for i in range(placement.servers_per_node):
+        port = placement.port(i, port_offset)
+        if placement.mode == "builtin":
+            argv = [python, "-m", "sglang_rollout.builtin_server", "--model-path", model, "--host", "0.0.0.0",
+                    "--port", str(port)]
+            gpus: tuple[int, ...] = ()
+            env = {}
+        else:
+            gpus = placement.gpu_ids(i)
+            argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", "0.0.0.0",
+                    "--port", str(port), "--tp-size", str(placement.tensor_parallel),
+                    "--mem-fraction-static", str(placement.mem_fraction_static)]
+            if placement.mode == "colocated":  # lets the trainer release/resume the server's GPU memory
+                argv.append("--enable-memory-saver")
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        env["NCCL_CUMEM_ENABLE"] = "1" if placement.nccl_cumem_enable else "0"
+        plans.append(ServerLaunch(index=i, port=port, gpus=gpus, argv=tuple(argv), env=tuple(sorted(env.items())),
+                                  url=f"http://{host}:{port}"))
+    return plans
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def run_servers(plans: list[ServerLaunch], *, run_dir: str, host: str, node_index: int, tensor_parallel: int,
+                job_id: str = "", health_timeout: float = 1800.0, poll: float = 1.0) -> int:
+    """Start `plans`, announce each when healthy, watch them; returns the exit status of the first that ends."""
+    remove_records(run_dir, host)
+    procs: dict[int, subprocess.Popen] = {}
+    stopping = []
+
+    def stop(*_):
+        stopping.append(True)
+
+    in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    try:
+        for p in plans:
+            procs[p.index] = subprocess.Popen(list(p.argv), env={**os.environ, **dict(p.env)})
+            print(f"rollout node {node_index}: server {p.index} pid {procs[p.index].pid} gpus {list(p.gpus)} "
+                  f"-> {p.url}", flush=True)
+        pending = {p.index: p for p in plans}
+        deadline = time.monotonic() + health_timeout
+        while not stopping:
+            for i, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"rollout node {node_index}: server {i} exited with {proc.returncode}", flush=True)
+                    return proc.returncode or 1
+            for i, p in list(pending.items()):
+                if _healthy(p.port):
+                    write_record(run_dir, ServerRecord(url=p.url, host=host, port=p.port, node_index=node_index,
+                                                       server_index=i, gpus=p.gpus, tensor_parallel=tensor_parallel,
+                                                       pid=procs[i].pid, job_id=job_id))
+                    del pending[i]
+            if pending and time.monotonic() > deadline:
+                print(f"rollout node {node_index}: servers {sorted(pending)} not healthy after "
+                      f"{health_timeout:.0f} s", flush=True)
+                return 1
+            time.sleep(poll)
+        return 0
+    finally:
+        remove_records(run_dir, host)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dasd_megatron.launch.rollout_node", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--node-index", type=int, default=None)
+    ap.add_argument("--health-timeout", type=float, default=1800.0)
+    args = ap.parse_args(argv)
+    record = read_launch_record(args.run_dir)
+    placement = RolloutPlacement(**record["placement"])
+    with open(os.path.join(args.run_dir, CONFIG_FILE)) as f:
+        model = json.load(f)["model"]["hf_config"]
+    host = socket.gethostname()
+    node_index = args.node_index if args.node_index is not None else int(os.environ.get("SLURM_NODEID", "0"))
+    plans = plan_servers(placement, model, host=host, port_offset=int(os.environ.get("DASD_PORT_OFFSET", "0")))
+    return run_servers(plans, run_dir=args.run_dir, host=host, node_index=node_index,
+                       tensor_parallel=placement.tensor_parallel, job_id=os.environ.get("SLURM_JOB_ID", ""),
+                       health_timeout=args.health_timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

