@@ -2,6 +2,7 @@
 
     dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
+    dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
 
 Overrides are dotted config fields, e.g. `parallel.tensor=2 model.hf_config=/path/to/hf_model`. With `--nproc N`
 and no torchrun environment, the command re-launches itself under `torch.distributed.run` with N processes.
@@ -81,7 +82,8 @@ def cmd_smoke(args) -> int:
     from dasd_megatron.model.builder import build_model, layout_summary
     from dasd_megatron.model.hf_config import load_hf_architecture
     from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
-    from dasd_megatron.train.engine import OptimConfig, build_optimizer, forward_backward, optimizer_step, wrap_ddp
+    from dasd_megatron.train.config import OptimConfig
+    from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
 
     cfg = _resolve(args)
     world = env_world_size()
@@ -158,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--world-size", type=int, required=True)
     v.add_argument("overrides", nargs="*")
     v.set_defaults(func=cmd_validate)
+    from dasd_megatron.launch.cli import add_submit_parser
+
+    add_submit_parser(sub)
     return p
 
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 if TYPE_CHECKING:
     from dasd_megatron.loss.config import DASDLossConfig
     from dasd_megatron.train.config import TrainConfig
-    from dasd_megatron.train.engine import OptimConfig
+    from dasd_megatron.data.config import DataConfig
+    from dasd_megatron.reward import RewardConfig
+    from dasd_megatron.train.config import OptimConfig
 
 
 class ConfigError(ValueError):
@@ -147,7 +149,7 @@ def _loss_config():
 
 
 def _optim_config():
-    from dasd_megatron.train.engine import OptimConfig
+    from dasd_megatron.train.config import OptimConfig
 
     return OptimConfig()
 
@@ -158,9 +160,21 @@ def _train_config():
     return TrainConfig()
 
 
+def _data_config():
+    from dasd_megatron.data.config import DataConfig
+
+    return DataConfig()
+
+
+def _reward_config():
+    from dasd_megatron.reward import RewardConfig
+
+    return RewardConfig()
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole run: each component's sub-config (data and rollout are added by their components)."""
+    """The whole run: each component's sub-config."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -168,6 +182,8 @@ class RunConfig:
     loss: "DASDLossConfig" = field(default_factory=_loss_config)
     optim: "OptimConfig" = field(default_factory=_optim_config)
     train: "TrainConfig" = field(default_factory=_train_config)
+    data: "DataConfig" = field(default_factory=_data_config)
+    reward: "RewardConfig" = field(default_factory=_reward_config)
     run_dir: str = "runs/default"
 
     def validate_layout(self, world_size: int, arch=None, te_available: Optional[bool] = None) -> None:
@@ -276,37 +292,65 @@ def _coerce(field_name: str, annotation: Any, raw: str) -> Any:
     return json.loads(raw)
 
 
-def _field_types(cls) -> dict[str, Any]:
-    from dasd_megatron.loss.config import DASDLossConfig
-    from dasd_megatron.train.config import TrainConfig
-    from dasd_megatron.train.engine import OptimConfig
+def _nested_type(cls, f: dataclasses.Field):
+    """The dataclass type of a sub-config field (from its default), or None for a leaf field."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    else:
+        default = f.default
+    return type(default) if dataclasses.is_dataclass(default) else None
 
-    ns = {"DASDLossConfig": DASDLossConfig, "TrainConfig": TrainConfig, "OptimConfig": OptimConfig}
-    return typing.get_type_hints(cls, localns=ns)
+
+def _leaf_type(cls, name: str):
+    """The annotation of one leaf field, evaluated alone in its class's module (leaf annotations are builtins,
+    Literal and Optional, so no sub-config module needs importing)."""
+    import sys
+
+    ann = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    if isinstance(ann, str):
+        ann = eval(ann, vars(sys.modules[cls.__module__]))  # noqa: S307 - our own annotation strings
+    return ann
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Return a copy of `cfg` with dotted `key=value` overrides applied (e.g. `parallel.tensor=2`)."""
+    """Return a copy of `cfg` with dotted `key=value` overrides applied (e.g. `parallel.tensor=2`).
+
+    All overrides are applied together: each sub-config is rebuilt once with every one of its overrides, so the
+    result does not depend on their order (a cross-field rule sees the final values)."""
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. parallel.tensor=2")
         key, raw = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), raw.strip(), key.strip())
-    return cfg
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key.strip()}: {part!r} is set as a value and used as a section. Fix: pick one")
+        node[parts[-1]] = (raw.strip(), key.strip())
+    return _rebuild(cfg, tree, "")
 
 
-def _set_path(obj, path: list[str], raw: str, full_key: str):
-    name = path[0]
-    if not dataclasses.is_dataclass(obj):
-        raise ConfigError(f"{full_key}: {type(obj).__name__} has no sub-fields. Fix: remove the extra '.{name}'")
-    names = [f.name for f in dataclasses.fields(obj)]
-    if name not in names:
-        raise ConfigError(f"{full_key}: unknown field {name!r} of {type(obj).__name__}. Fix: use one of {names}")
-    if len(path) == 1:
-        value = _coerce(full_key, _field_types(type(obj))[name], raw)
-    else:
-        value = _set_path(getattr(obj, name), path[1:], raw, full_key)
-    return dataclasses.replace(obj, **{name: value})
+def _rebuild(obj, tree: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    kwargs = {}
+    for name, sub in tree.items():
+        full = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{full}: unknown field {name!r} of {type(obj).__name__}. Fix: use one of "
+                              f"{list(fields)}")
+        value = getattr(obj, name)
+        if isinstance(sub, dict):
+            if not dataclasses.is_dataclass(value):
+                raise ConfigError(f"{full}: {type(obj).__name__}.{name} has no sub-fields. Fix: set {full}=VALUE")
+            kwargs[name] = _rebuild(value, sub, f"{full}.")
+        else:
+            raw, key = sub
+            if dataclasses.is_dataclass(value):
+                raise ConfigError(f"{key}: is a section; set its fields instead, e.g. {key}.<field>=VALUE")
+            kwargs[name] = _coerce(key, _leaf_type(type(obj), name), raw)
+    return dataclasses.replace(obj, **kwargs)
 
 
 def to_dict(cfg) -> dict:
@@ -315,15 +359,15 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, data: dict):
     """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
-    hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}. Fix: use only {sorted(names)}")
     kwargs = {}
     for k, v in data.items():
-        t = hints[k]
-        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+        t = _nested_type(cls, fields[k])
+        if t is not None and isinstance(v, dict):
             v = from_dict(t, v)
         elif isinstance(v, list):
             v = tuple(v)

@@ -25,7 +25,7 @@ from dasd_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, R
 from dasd_megatron.launch.placement import RolloutPlacement, TrainerResources
 from dasd_megatron.launch.spec import Recipe
 from dasd_megatron.train.config import TrainConfig
-from dasd_megatron.train.engine import OptimConfig
+from dasd_megatron.train.config import OptimConfig
 from recipes.methods import METHODS, loss_for
 from recipes.models import QWEN3_1P7B, QWEN3_4B, QWEN3_8B
 from recipes.registry import register

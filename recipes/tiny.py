@@ -8,7 +8,7 @@ from dasd_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, R
 from dasd_megatron.launch.placement import RolloutPlacement, TrainerResources
 from dasd_megatron.launch.spec import Recipe
 from dasd_megatron.train.config import TrainConfig
-from dasd_megatron.train.engine import OptimConfig
+from dasd_megatron.train.config import OptimConfig
 from recipes.methods import METHODS, loss_for
 from recipes.models import TINY_QWEN3
 from recipes.registry import register

@@ -67,7 +67,8 @@ def _train_one_step(cfg, hf_dir, load_dir, tokens, weights, save_dir=None):
     from dasd_megatron.model.sharding import full_named_tensors
     from dasd_megatron.parallel import initialize_parallel
     from dasd_megatron.train.checkpoint import load_model, save_model
-    from dasd_megatron.train.engine import OptimConfig, build_optimizer, forward_backward, optimizer_step, wrap_ddp
+    from dasd_megatron.train.config import OptimConfig
+    from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
 
     arch = load_hf_architecture(hf_dir)
     ctx = initialize_parallel(cfg.parallel)

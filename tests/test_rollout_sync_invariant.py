@@ -38,7 +38,8 @@ def _trainer(rank, world_size, hf_dir, url, sync_root, master_port):
     from dasd_megatron.model.hf_config import load_hf_architecture, padded_vocab_size
     from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
     from dasd_megatron.parallel import initialize_parallel
-    from dasd_megatron.train.engine import OptimConfig, build_optimizer, forward_backward, optimizer_step, wrap_ddp
+    from dasd_megatron.train.config import OptimConfig
+    from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
     from sglang_rollout.client import RolloutClient
     from sglang_rollout.http_client import HttpClient
     from sglang_rollout.server_client import ServerClient

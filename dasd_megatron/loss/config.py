@@ -1,7 +1,7 @@
 """`DASDLossConfig`: the frozen, validated configuration of the DASD objective (see docs/METHOD.md).
 
 The config is meant to live at `loss` in the run config, so validation errors name fields as `loss.<field>`
-(for example `loss.rho=1.5: must satisfy 0 < rho < 1. Fix: ...`) and are raised as `ValueError` at construction.
+(for example `loss.rho=1.5: must satisfy 0 < rho < 1. Fix: ...`) and are raised as `ConfigError` (a `ValueError`) at construction.
 
 Defaults marked "ours" are not published by the paper (METHOD.md, "Defaults and the points the paper leaves open")
 and are fields precisely so runs can change them:
@@ -41,13 +41,19 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
-import torch
+from dasd_megatron.config import ConfigError
 
 _SECTION = "loss"
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _fail(name: str, value: object, rule: str, fix: str) -> None:
-    raise ValueError(f"{_SECTION}.{name}={value!r}: {rule}. Fix: {fix}.")
+    raise ConfigError(f"{_SECTION}.{name}={value!r}: {rule}. Fix: {fix}.")
 
 
 def _finite(name: str, value: object) -> float:
@@ -137,7 +143,7 @@ class DASDLossConfig:
     def kernel_kwargs(self) -> dict:
         """Keyword arguments for `vocab_parallel_token_stats`: temperature, chunk_size, check_finite, compile."""
         return {"temperature": self.temperature, "chunk_size": self.chunk_size, "check_finite": self.check_finite,
-                "compile": torch.cuda.is_available() if self.compile_kernels is None else self.compile_kernels}
+                "compile": _cuda_available() if self.compile_kernels is None else self.compile_kernels}
 
     @property
     def quantile_level(self) -> float:

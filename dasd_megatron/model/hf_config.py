@@ -58,9 +58,32 @@ def _config_path(path: str) -> str:
             "(with config.json) or to the config.json file"
         )
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(p):
-        raise ConfigError(f"model.hf_config={path!r}: no config.json found at {p}. Fix: point it at a HF model folder")
-    return p
+    if os.path.isfile(p):
+        return p
+    if not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/")):
+        hub = _hub_config(path)
+        if hub:
+            return hub
+    raise ConfigError(
+        f"model.hf_config={path!r}: no config.json found at {p} (nor in the Hugging Face cache or the configs "
+        "shipped under recipes/hf_configs). Fix: point it at a HF model folder, or a hub id with network"
+    )
+
+
+def _hub_config(repo_id: str) -> Optional[str]:
+    """config.json of a hub model id: the HF cache / hub (with network), else the shape shipped with the recipes."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - offline, unknown repo, no cache: fall back to the shipped shapes
+        pass
+    try:
+        from recipes.models import shipped_config_dir
+    except ImportError:
+        return None
+    d = shipped_config_dir(repo_id)
+    return str(d / "config.json") if d is not None else None
 
 
 def load_hf_architecture(path_or_dict) -> HFArchitecture:

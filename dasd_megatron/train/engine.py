@@ -8,33 +8,11 @@ the DP/CP/micro-batch split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from dasd_megatron.config import config_error
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise config_error("optim.lr", self.lr, "must be > 0", "use e.g. 1e-6 for RL fine-tuning")
-        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
-            raise config_error("optim.adam_beta1/2", (self.adam_beta1, self.adam_beta2), "must be in [0, 1)",
-                               "use 0.9 / 0.999")
-        if self.clip_grad < 0:
-            raise config_error("optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+from dasd_megatron.train.config import OptimConfig
 
 
 def wrap_ddp(model, *, use_distributed_optimizer: bool = False, bucket_size: int | None = None):
