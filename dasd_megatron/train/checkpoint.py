@@ -1,9 +1,18 @@
-"""Megatron distributed checkpoints of the model (and optimizer): save at one layout, load at any other."""
+"""Megatron distributed checkpoints: save at one layout, load at any other.
+
+`save_model`/`load_model`: the model alone (conversion, tests). `save_training_checkpoint`/`load_training_checkpoint`:
+everything a resumed run needs to continue exactly as an uninterrupted one (model, optimizer, RNG, loop state).
+"""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import random
+import shutil
 
+import torch
 import torch.distributed as dist
 
 
@@ -33,3 +42,115 @@ def load_model(model, ckpt_dir: str, strict: bool = True) -> None:
     inner = _inner(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), ckpt_dir)
     inner.load_state_dict(state, strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints: model + optimizer + RNG + loop state, written atomically, the last N kept.
+
+CKPT_PREFIX = "step_"
+META = "dasd_meta.json"  # written last: its presence marks a complete checkpoint
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root` (those whose metadata was written), oldest first."""
+    out = []
+    for d in glob.glob(os.path.join(root, f"{CKPT_PREFIX}*")):
+        name = os.path.basename(d)
+        if name[len(CKPT_PREFIX):].isdigit() and os.path.isfile(os.path.join(d, META)):
+            out.append((int(name[len(CKPT_PREFIX):]), d))
+    return sorted(out)
+
+
+def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2) -> str:
+    """Save model, optimizer (sharded, any layout can load it), every rank's RNG and the loop `state` (JSON:
+    step, data position, ...) as `root/step_XXXXXXXX`, atomically.
+
+    All ranks write into a temporary sibling folder; after a barrier rank 0 writes the metadata (the completion
+    marker) and renames the folder into place. A crash at any point leaves either the previous checkpoints intact
+    or a temporary folder that resume ignores and the next save removes. Then only the newest `keep_last` complete
+    checkpoints are kept (0 keeps all)."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = _step_dir(root, step)
+    tmp = os.path.join(root, f".tmp_{CKPT_PREFIX}{step:08d}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for stale in glob.glob(os.path.join(root, f".tmp_{CKPT_PREFIX}*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    inner = _inner(model)
+    model_sd = inner.sharded_state_dict()
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    dist_checkpointing.save(sharded, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(dict(state, step=step, world_size=dist.get_world_size()), f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for _, old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_training_checkpoint(root: str, model, optimizer, step: int | None = None) -> dict | None:
+    """Restore the newest (or the given) complete checkpoint under `root`; returns its loop state, or None when
+    there is none. RNG states are restored per rank when the world size is unchanged."""
+    from megatron.core import dist_checkpointing
+
+    ckpts = list_checkpoints(root)
+    if step is not None:
+        ckpts = [c for c in ckpts if c[0] == step]
+        if not ckpts:
+            raise FileNotFoundError(f"no complete checkpoint for step {step} under {root}")
+    if not ckpts:
+        return None
+    _, path = ckpts[-1]
+    inner = _inner(model)
+    model_sd = inner.sharded_state_dict()
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    state = dist_checkpointing.load(sharded, path)
+    inner.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    with open(os.path.join(path, META)) as f:
+        meta = json.load(f)
+    rng = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")
+    if meta.get("world_size") == dist.get_world_size() and os.path.exists(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return meta
