@@ -1,5 +1,6 @@
 """The `dasd` command line.
 
+    dasd train [--recipe R] [--nproc N] [key=value ...]  DASD training (rollouts, rewards, DASD step, weight sync)
     dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
@@ -60,6 +61,30 @@ def _relaunch_under_torchrun(nproc: int) -> int:
            f"--master-port={free_port()}", "-m", "dasd_megatron.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
+
+
+def _resolve_train(args) -> RunConfig:
+    if args.recipe:
+        from recipes import get_recipe
+
+        return get_recipe(args.recipe).with_overrides(args.overrides).config
+    return apply_overrides(RunConfig(), args.overrides)
+
+
+def cmd_train(args) -> int:
+    """DASD training (see dasd_megatron/train/loop.py); with --nproc N, relaunched under torchrun."""
+    cfg = _resolve_train(args)  # config errors surface here, before any process starts
+    if args.nproc > 1 and "RANK" not in os.environ:
+        cfg.validate_layout(args.nproc)
+        return _relaunch_under_torchrun(args.nproc)
+    from dasd_megatron.train.loop import train
+
+    history = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and history:
+        first, last = history[0], history[-1]
+        print(f"train: {len(history)} steps | reward {first.get('rollout/reward_mean', float('nan')):.3f} -> "
+              f"{last.get('rollout/reward_mean', float('nan')):.3f} | run folder {cfg.run_dir}", flush=True)
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -156,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor=2")
     s.set_defaults(func=cmd_smoke)
+    t = sub.add_parser("train", help="DASD training: rollouts, rewards, the routed self-distillation step, sync")
+    t.add_argument("--recipe", help="a registered recipe (see `dasd submit --list`); overrides apply on top")
+    t.add_argument("--nproc", type=int, default=1, help="processes to launch (torchrun) when not already under one")
+    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=10")
+    t.set_defaults(func=cmd_train)
     v = sub.add_parser("validate", help="check a config for a world size without starting anything")
     v.add_argument("--world-size", type=int, required=True)
     v.add_argument("overrides", nargs="*")

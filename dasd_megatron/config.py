@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from dasd_megatron.train.config import TrainConfig
     from dasd_megatron.data.config import DataConfig
     from dasd_megatron.reward import RewardConfig
-    from dasd_megatron.train.config import OptimConfig
+    from dasd_megatron.train.config import OptimConfig, RolloutConfig
 
 
 class ConfigError(ValueError):
@@ -160,6 +160,12 @@ def _train_config():
     return TrainConfig()
 
 
+def _rollout_config():
+    from dasd_megatron.train.config import RolloutConfig
+
+    return RolloutConfig()
+
+
 def _data_config():
     from dasd_megatron.data.config import DataConfig
 
@@ -184,7 +190,16 @@ class RunConfig:
     train: "TrainConfig" = field(default_factory=_train_config)
     data: "DataConfig" = field(default_factory=_data_config)
     reward: "RewardConfig" = field(default_factory=_reward_config)
+    rollout: "RolloutConfig" = field(default_factory=_rollout_config)
     run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        if abs(self.rollout.temperature - self.loss.temperature) > 1e-9:
+            raise config_error(
+                "loss.temperature", self.loss.temperature,
+                f"must equal rollout.temperature={self.rollout.temperature} (the loss scores the tokens at the "
+                "temperature they were sampled at)", f"set loss.temperature={self.rollout.temperature}",
+            )
 
     def validate_layout(self, world_size: int, arch=None, te_available: Optional[bool] = None) -> None:
         """Cross-field checks against the architecture and world size. Call before any process group starts."""

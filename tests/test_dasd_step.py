@@ -45,7 +45,7 @@ def _cfg(hf_dir, tp=1, sp=False, estimator="full", budget=40):
     # router divides by that spread, amplifying rounding 1000x; wider logits make the router well conditioned.
     cfg = RunConfig(model=ModelConfig(hf_config=hf_dir, seq_length=64, init_method_std=0.5),
                     parallel=ParallelConfig(tensor=tp, sequence_parallel=sp))
-    return apply_overrides(cfg, [f"loss.estimator={estimator}", "loss.temperature=0.9",
+    return apply_overrides(cfg, [f"loss.estimator={estimator}", "loss.temperature=0.9", "rollout.temperature=0.9",
                                  "train.max_prompt_tokens=12", "train.max_response_tokens=8",
                                  f"train.micro_batch_tokens={budget}", "train.samples_per_prompt=3"])
 

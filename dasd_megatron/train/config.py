@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from dasd_megatron.config import config_error
 
@@ -75,3 +75,40 @@ class OptimConfig:
                                "use 0.9 / 0.999")
         if self.clip_grad < 0:
             raise config_error("optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Where rollouts come from and how weights reach the servers."""
+
+    backend: Literal["builtin", "sglang"] = "builtin"
+    """'builtin': the CPU rollout server launched by the trainer; 'sglang': SGLang servers (launched here, or
+    given by `urls`)."""
+    urls: tuple = ()
+    """Already-running servers (http://host:port); empty = launch `num_servers` of `backend` on this node."""
+    num_servers: int = 1
+    base_port: int = 31000
+    server_tp: int = 1
+    mem_fraction_static: Optional[float] = None
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts; must equal loss.temperature (the loss applies it)."""
+    top_p: float = 1.0
+    top_k: int = -1
+    transport: Literal["disk", "tensor", "distributed"] = "disk"
+    request_timeout_s: float = 600.0
+    seed: Optional[int] = 1234
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("builtin", "sglang"):
+            raise config_error("rollout.backend", self.backend, "unknown backend", "use builtin or sglang")
+        if self.num_servers < 1 and not self.urls:
+            raise config_error("rollout.num_servers", self.num_servers, "must be >= 1", "use 1 or more")
+        if self.temperature <= 0:
+            raise config_error("rollout.temperature", self.temperature, "must be > 0 for RL rollouts",
+                               "use 1.0 (and the same loss.temperature)")
+        if self.transport not in ("disk", "tensor", "distributed"):
+            raise config_error("rollout.transport", self.transport, "unknown transport",
+                               "use disk, tensor or distributed")
+        if self.backend == "builtin" and self.transport == "distributed":
+            raise config_error("rollout.transport", "distributed", "the built-in server takes disk or tensor updates",
+                               "use rollout.transport=disk (or tensor when colocated)")

@@ -1,0 +1,288 @@
+"""`dasd train`: the DASD training loop, one method per phase.
+
+    generate -> reward -> teacher prompts -> advantages -> DASD step (score, train, optimizer) -> sync -> log ->
+    checkpoint
+
+Roles: every rank trains (megatron TP x PP x DP). Rank 0 also drives the rollout servers (launching the built-in
+server where SGLang is absent), scores rewards in its process pool and writes logs; the rollouts are broadcast to
+all ranks. Weights reach the servers after every step through the streaming exporter (TP/PP gathered onto rank 0)
+and the configured transport. The policy starts from the HF folder `model.hf_config` (its safetensors are imported
+into megatron's layout); a run folder with checkpoints resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dasd_megatron.config import ConfigError, RunConfig, to_dict
+from dasd_megatron.train.batch import Rollout
+
+log = logging.getLogger(__name__)
+
+
+def _broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class Trainer:
+    """Owns the model, optimizer, data, rollout servers and logs of one run. `run()` trains to `train.steps`."""
+
+    def __init__(self, cfg: RunConfig):
+        from dasd_megatron.model.builder import build_model
+        from dasd_megatron.model.hf_config import load_hf_architecture
+        from dasd_megatron.parallel import env_world_size, initialize_parallel
+        from dasd_megatron.train.dasd_step import DASDStep, check_supported
+        from dasd_megatron.train.engine import build_optimizer, wrap_ddp
+
+        self.cfg = cfg
+        self.arch = load_hf_architecture(cfg.model.hf_config)
+        cfg.validate_layout(env_world_size(), self.arch)
+        check_supported(cfg)
+        if not os.path.isdir(cfg.model.hf_config):
+            raise ConfigError(f"model.hf_config={cfg.model.hf_config!r}: training needs a local HF model folder with "
+                              "weights and tokenizer. Fix: download or convert one and point model.hf_config at it")
+        self.ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
+        self.model = wrap_ddp(build_model(cfg, self.arch),
+                              use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step_fn = DASDStep(self.model, self.optimizer, cfg, self.arch, self.ctx)
+        self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+        self.step = 0
+        self.tokenizer = None
+        self.data = None
+        self.prompts = None
+        self.scorer = None
+        self.servers = None
+        self.client = None
+        self.sync = None
+        self.logger = None
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        from dasd_megatron.data import PromptIterator, load_math_dataset, load_tokenizer
+        from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
+        from dasd_megatron.train.checkpoint import load_training_checkpoint
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.hf_config)
+        self.data = load_math_dataset(cfg.data, self.tokenizer)
+        if not self.data.examples:
+            raise ConfigError(f"data.source={cfg.data.source!r}: no usable rows. Fix: check the file and schema")
+        self.prompts = PromptIterator.from_config(self.data.examples, cfg.data)
+        meta = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer)
+        if meta is None:
+            load_hf_weights(self.model, open_hf_checkpoint(cfg.model.hf_config))
+        else:
+            self.step = int(meta["step"])
+            self.prompts.load_state_dict(meta["prompts"])
+        if self.ctx.is_logging_rank:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2, default=str)
+            self._start_rollout()
+            from dasd_megatron.reward import RewardScorer
+            from dasd_megatron.train.metrics_log import MetricsLogger
+
+            self.scorer = RewardScorer(cfg.reward)
+            self.logger = MetricsLogger(cfg.run_dir, enabled=True, resume_step=self.step)
+        if meta is not None:
+            self.sync_weights()  # servers start from the HF folder; bring them to the checkpoint's weights
+        return self
+
+    def _start_rollout(self) -> None:
+        from sglang_rollout.client import ClientConfig, RolloutClient
+        from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
+        from sglang_rollout.server_client import ServerClient
+        from sglang_rollout.weight_sync.sync import WeightSync
+        from sglang_rollout.weight_sync.transports import DiskTransport, TensorTransport
+
+        r = self.cfg.rollout
+        urls = list(r.urls)
+        if not urls:
+            servers = tuple(
+                ServerConfig(model_path=self.cfg.model.hf_config, port=r.base_port + i, backend=r.backend,
+                             tp_size=r.server_tp, mem_fraction_static=r.mem_fraction_static,
+                             log_file=os.path.join(self.cfg.run_dir, "logs", f"rollout_server_{i}.log"))
+                for i in range(r.num_servers)
+            )
+            os.makedirs(os.path.join(self.cfg.run_dir, "logs"), exist_ok=True)
+            self.servers = ServerManager(ManagerConfig(servers=servers)).start()
+            urls = self.servers.urls
+        self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s))
+        clients = [ServerClient(u) for u in urls]
+        if r.transport == "disk":
+            transport = DiskTransport(os.path.join(self.cfg.run_dir, "weights"), base_model_path=self.cfg.model.hf_config)
+        elif r.transport == "tensor":
+            transport = TensorTransport()
+        else:
+            raise ConfigError("rollout.transport='distributed' is driven by the multi-node launcher; "
+                              "Fix: use disk or tensor for single-node runs")
+        self.sync = WeightSync(clients, transport)
+
+    # -- phases -------------------------------------------------------------------------------------------------------
+    def generate(self):
+        """Rank 0: the next prompts and G samples each from the rollout servers."""
+        from dasd_megatron.data import student_prompt
+        from sglang_rollout.client import SamplingConfig
+
+        cfg, r = self.cfg, self.cfg.rollout
+        examples = self.prompts.next_batch(cfg.train.prompts_per_step)
+        prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
+        eos = self.tokenizer.eos_token_id
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.train.max_response_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            stop_token_ids=(eos,) if eos is not None else (),
+            seed=None if r.seed is None else r.seed + self.step,
+        )
+        groups = self.client.generate(prompt_ids, n=cfg.train.samples_per_prompt, sampling=sampling,
+                                      batch_id=f"step{self.step}")
+        return examples, prompt_ids, groups
+
+    def reward(self, examples, groups):
+        """Rank 0: math-verify rewards for every sample (process pool, parent-enforced deadline)."""
+        texts, golds = [], []
+        for ex, group in zip(examples, groups):
+            for s in group:
+                texts.append(self.tokenizer.decode(list(s.output_ids), skip_special_tokens=True))
+                golds.append(ex.answer)
+        results = self.scorer.score(texts, golds)
+        return texts, results
+
+    def build_rollouts(self, examples, prompt_ids, groups, texts, results) -> list[Rollout]:
+        """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer)."""
+        from dasd_megatron.data import build_prompt_pair
+
+        G = self.cfg.train.samples_per_prompt
+        out = []
+        for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups)):
+            res = results[g * G:(g + 1) * G]
+            txt = texts[g * G:(g + 1) * G]
+            sibling = next((t for t, rr in zip(txt, res) if rr.status == "correct"), None)
+            pair = build_prompt_pair(self.tokenizer, ex, self.cfg.data.prompt, sibling=sibling)
+            for s, rr in zip(group, res):
+                if not s.output_ids:
+                    continue
+                out.append(Rollout(pids, pair.teacher_ids, list(s.output_ids), list(s.output_logprobs),
+                                   reward=float(rr.score), group=g, weight_version=s.weight_version))
+        return out
+
+    def train_step(self, rollouts: list[Rollout]) -> dict:
+        """All ranks: GRPO advantages over groups, then the DASD step on this DP rank's share."""
+        from dasd_megatron.loss import grpo_advantages
+
+        cfg = self.cfg
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        groups = torch.tensor([r.group for r in rollouts], dtype=torch.long)
+        adv = grpo_advantages(rewards, groups, std_normalize=cfg.loss.advantage_std_normalize,
+                              eps=cfg.loss.advantage_eps)
+        mine = list(range(len(rollouts)))[self.ctx.dp_rank::self.ctx.dp]
+        return self.step_fn.run([rollouts[i] for i in mine], mine, adv)
+
+    def sync_weights(self) -> dict:
+        """All ranks iterate the exporter (it gathers TP/PP shards); rank 0 sends the buckets to the servers."""
+        from dasd_megatron.model.export import iter_hf_weight_buckets
+        from sglang_rollout.weight_sync.sync import drain
+
+        buckets = iter_hf_weight_buckets(self.model, self.arch)
+        if self.ctx.is_logging_rank:
+            report = self.sync.sync(buckets, version=f"step{self.step}")
+            return report.metrics()
+        drain(buckets)
+        return {}
+
+    def checkpoint(self) -> None:
+        from dasd_megatron.train.checkpoint import save_training_checkpoint
+
+        save_training_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                 {"prompts": self.prompts.state_dict()}, keep_last=self.cfg.train.keep_last_checkpoints)
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from dasd_megatron.report import epistemic_marker_density
+
+        cfg = self.cfg
+        history = []
+        console = Console(stderr=True, quiet=not self.ctx.is_logging_rank)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+            task = progress.add_task("DASD training", total=cfg.train.steps, completed=self.step)
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                metrics: dict = {}
+                payload = None
+                if self.ctx.is_logging_rank:
+                    examples, prompt_ids, groups = self.generate()
+                    t1 = time.perf_counter()
+                    texts, results = self.reward(examples, groups)
+                    rollouts = self.build_rollouts(examples, prompt_ids, groups, texts, results)
+                    metrics.update(self._rollout_metrics(rollouts, texts, results, epistemic_marker_density))
+                    metrics["timing/rollout_s"] = t1 - t0
+                    metrics["timing/reward_s"] = time.perf_counter() - t1
+                    payload = rollouts
+                rollouts = _broadcast_object(payload)
+                # every rank draws the same prompts, so data positions stay equal on all ranks
+                if not self.ctx.is_logging_rank:
+                    self.prompts.next_batch(cfg.train.prompts_per_step)
+                t2 = time.perf_counter()
+                out = self.train_step(rollouts)
+                metrics.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
+                metrics["timing/train_s"] = time.perf_counter() - t2
+                self.step += 1
+                t3 = time.perf_counter()
+                metrics.update(self.sync_weights())
+                metrics["timing/sync_s"] = time.perf_counter() - t3
+                if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
+                                                      or self.step == cfg.train.steps):
+                    self.checkpoint()
+                metrics["timing/step_s"] = time.perf_counter() - t0
+                if self.ctx.is_logging_rank:
+                    self.logger.log(self.step, metrics)
+                    progress.console.print(self.logger.console_line(self.step, metrics))
+                history.append(metrics)
+                progress.update(task, advance=1)
+        return history
+
+    @staticmethod
+    def _rollout_metrics(rollouts, texts, results, marker_density) -> dict:
+        n = max(len(results), 1)
+        lens = [len(r.response_ids) for r in rollouts]
+        return {
+            "rollout/reward_mean": sum(r.score for r in results) / n,
+            "rollout/accuracy": sum(r.status == "correct" for r in results) / n,
+            "rollout/unparseable_frac": sum(r.status == "unparseable" for r in results) / n,
+            "rollout/timeout_count": sum(r.status == "timeout" for r in results),
+            "rollout/response_length_mean": sum(lens) / max(len(lens), 1),
+            "rollout/epistemic_marker_density": marker_density(texts),
+            "rollout/num_samples": len(results),
+        }
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.servers is not None:
+            self.servers.stop()
+        if self.logger is not None:
+            self.logger.close()
+        from dasd_megatron.parallel import destroy_parallel
+
+        destroy_parallel()
+
+
+def train(cfg: RunConfig) -> list[dict]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.setup().run()
+    finally:
+        trainer.close()
