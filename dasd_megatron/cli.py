@@ -3,6 +3,7 @@
     dasd train [--recipe R] [--nproc N] [key=value ...]  DASD training (rollouts, rewards, DASD step, weight sync)
     dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
+    dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
 
 Overrides are dotted config fields, e.g. `parallel.tensor=2 model.hf_config=/path/to/hf_model`. With `--nproc N`
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dasd_megatron.launch.cli import add_submit_parser
 
     add_submit_parser(sub)
+    from dasd_megatron.report import add_report_parser
+
+    add_report_parser(sub)
     return p
 
 

@@ -59,6 +59,9 @@ class ScoredPack:
     teacher_logp: torch.Tensor | None = None
 
 
+_SUMMED = ("loss/total", "loss/pg", "loss/distill")
+
+
 class DASDStep:
     def __init__(self, model, optimizer, cfg: RunConfig, arch, ctx):
         check_supported(cfg)
@@ -182,7 +185,10 @@ class DASDStep:
         if n_all:
             keys = metrics[0][1].keys()
             for k in keys:
-                if k.startswith("loss/"):
+                if k in out:  # loss/dasd and loss/num_tokens come from the schedule's reports (global over DP)
                     continue
-                out[k] = sum(n * m[k] for n, m in metrics) / n_all
+                if k in _SUMMED:  # per-micro-batch sums (the loss is called with num_global_tokens=1)
+                    out[k] = sum(m[k] for _, m in metrics) / n_all
+                else:  # per-micro-batch means: token-weighted
+                    out[k] = sum(n * m[k] for n, m in metrics) / n_all
         return out

@@ -237,6 +237,10 @@ class Trainer:
                     self.prompts.next_batch(cfg.train.prompts_per_step)
                 t2 = time.perf_counter()
                 out = self.train_step(rollouts)
+                if self.ctx.pp > 1:  # the loss lives on the last pipeline stage: bring it to rank 0
+                    outs = [None] * self.ctx.world_size
+                    dist.all_gather_object(outs, out)
+                    out = next((o for o in outs if "loss/dasd" in o), out)
                 metrics.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
                 metrics["timing/train_s"] = time.perf_counter() - t2
                 self.step += 1
