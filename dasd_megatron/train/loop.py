@@ -100,6 +100,7 @@ class Trainer:
 
     def _start_rollout(self) -> None:
         from sglang_rollout.client import ClientConfig, RolloutClient
+        from sglang_rollout.http_client import HttpClient
         from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
         from sglang_rollout.server_client import ServerClient
         from sglang_rollout.weight_sync.sync import WeightSync
@@ -118,7 +119,7 @@ class Trainer:
             self.servers = ServerManager(ManagerConfig(servers=servers)).start()
             urls = self.servers.urls
         self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s))
-        clients = [ServerClient(u) for u in urls]
+        clients = [ServerClient(u, HttpClient()) for u in urls]
         if r.transport == "disk":
             transport = DiskTransport(os.path.join(self.cfg.run_dir, "weights"), base_model_path=self.cfg.model.hf_config)
         elif r.transport == "tensor":
