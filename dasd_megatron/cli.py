@@ -3,6 +3,8 @@
     dasd train [--recipe R] [--nproc N] [key=value ...]  DASD training (rollouts, rewards, DASD step, weight sync)
     dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
+    dasd eval --model M --output DIR [...]               Avg@n / Pass@k on the six DASD benchmarks
+    dasd eval-report RUN_A [RUN_B]                       Markdown + Pass@k plots, side by side
     dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
 
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dasd_megatron.report import add_report_parser
 
     add_report_parser(sub)
+    from dasd_megatron.eval.cli import add_eval_parsers
+
+    add_eval_parsers(sub)
     return p
 
 
