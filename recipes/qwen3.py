@@ -55,7 +55,7 @@ def _qwen3(name: str, hub_id: str, method: str, precision: str, parallel: Parall
         optim=OptimConfig(lr=1e-6, weight_decay=0.1, clip_grad=1.0, warmup_steps=10),
         train=TrainConfig(steps=300, prompts_per_step=64, samples_per_prompt=8, max_prompt_tokens=1024,
                           max_response_tokens=8192, micro_batch_tokens=SEQ_LENGTH, teacher="current",
-                          eval_interval=25, checkpoint_interval=25, keep_last_checkpoints=2),
+                          eval_interval=0, checkpoint_interval=25, keep_last_checkpoints=2),  # eval: `dasd eval` on checkpoints
         run_dir=f"runs/{name}",
     )
     summary = doc.strip().splitlines()[0]

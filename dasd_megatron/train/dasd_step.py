@@ -18,7 +18,7 @@ token losses and its token count; megatron sums the counts over micro-batches an
 by the total, so the step optimises the token mean over the global batch.
 
 Limits (checked by `check_supported`): teacher weights 'current' only; the `full` estimator with pipeline
-parallelism > 1 and context parallelism > 1 are not implemented yet.
+parallelism > 1, context parallelism > 1, dynamic sampling and in-loop evaluation are not implemented yet.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ def check_supported(cfg: RunConfig) -> None:
     if cfg.train.teacher != "current":
         raise ConfigError(f"train.teacher={cfg.train.teacher!r}: only 'current' (the policy's own weights, METHOD.md's "
                           "default) is implemented yet. Fix: set train.teacher=current")
+    if cfg.train.dynamic_sampling:
+        raise ConfigError("train.dynamic_sampling=true is not implemented yet. Fix: set train.dynamic_sampling=false")
+    if cfg.train.eval_interval:
+        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: evaluation inside the training loop is not "
+                          "implemented yet. Fix: set train.eval_interval=0 and run `dasd eval` on checkpoints")
     if cfg.parallel.context > 1:
         raise ConfigError("parallel.context>1: the DASD step does not align teacher rows across CP ranks yet. "
                           "Fix: use parallel.context=1 for training")
