@@ -131,3 +131,10 @@ def test_hf_architectures(tmp_path):
         load_hf_architecture(str(tmp_path))
     assert padded_vocab_size(509, 128, 1) == 512 and padded_vocab_size(509, 128, 3) == 768
     assert padded_vocab_size(151936, 128, 1) == 151936 and padded_vocab_size(151936, 128, 8) == 152576
+
+
+def test_learning_rate_warmup():
+    from dasd_megatron.train.config import OptimConfig
+
+    assert [OptimConfig(lr=1e-3, warmup_steps=4).lr_at(s) for s in range(6)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    assert OptimConfig(lr=2e-6).lr_at(0) == 2e-6

@@ -67,7 +67,7 @@ def test_train_tp2_end_to_end(assets):
     assert [x["step"] for x in m] == [1, 2, 3]
     for x in m:
         assert math.isfinite(x["loss/dasd"]) and x["loss/num_tokens"] > 0 and x["rollout/num_samples"] == 4
-        assert x["update_successful"] and x["grad_norm"] > 0
+        assert x["update_successful"] and x["grad_norm"] > 0 and x["optim/lr"] == 1e-3
     # Sync invariant, in the running system: the server samples under the weights synced after the previous step
     # and returns their log-probs; the trainer recomputes the same tokens' log-probs with its own weights. fp32 on
     # both sides, different kernels (HF eager vs megatron+SDPA at TP=2): agreement to ~1e-6 nats.

@@ -59,13 +59,19 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6
-    min_lr: float = 0.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
+    """Linear learning-rate warm-up from lr/warmup_steps to lr over the first steps, then constant."""
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based)."""
+        if self.warmup_steps <= 0:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -167,13 +167,15 @@ class DASDStep:
         reports = forward_backward(self.model, list(enumerate(packs)), forward_step, seq_length=seq)
         return {"reports": reports, "metrics": metrics}
 
-    def run(self, rollouts: Sequence[Rollout], rollout_ids: Sequence[int], advantages: torch.Tensor) -> dict:
-        """All phases for this DP rank's rollouts (global ids `rollout_ids` index `advantages`, shape [N])."""
+    def run(self, rollouts: Sequence[Rollout], rollout_ids: Sequence[int], advantages: torch.Tensor,
+            step: int = 0) -> dict:
+        """All phases for this DP rank's rollouts (global ids `rollout_ids` index `advantages`, shape [N]);
+        `step` (0-based) sets the learning rate through `optim.warmup_steps`."""
         packs = self.pack(rollouts, rollout_ids)
         self.score(packs)
         rstats = self.rollout_stats(packs, advantages.shape[0])
         result = self.train(packs, advantages.to(self.ctx.device), rstats)
-        result.update(optimizer_step(self.optimizer))
+        result.update(optimizer_step(self.optimizer, lr=self.cfg.optim.lr_at(step)))
         result.update(self._summarise(result.pop("reports"), result.pop("metrics")))
         return result
 

@@ -41,7 +41,6 @@ def build_optimizer(ddp_model, cfg: OptimConfig):
     ocfg = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
-        min_lr=cfg.min_lr,
         weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
@@ -91,8 +90,16 @@ def forward_backward(
     )
 
 
-def optimizer_step(optimizer) -> dict:
-    """One optimizer step; returns {'grad_norm', 'update_successful', 'num_zeros'}."""
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer, lr: float | None = None) -> dict:
+    """One optimizer step (at learning rate `lr` when given); returns {'grad_norm', 'update_successful', ...}."""
+    if lr is not None:
+        set_lr(optimizer, lr)
     ok, grad_norm, num_zeros = optimizer.step()
     optimizer.zero_grad()
-    return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "num_zeros": num_zeros}
+    return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "num_zeros": num_zeros,
+            "optim/lr": optimizer.param_groups[0]["lr"]}

@@ -186,7 +186,7 @@ class Trainer:
         adv = grpo_advantages(rewards, groups, std_normalize=cfg.loss.advantage_std_normalize,
                               eps=cfg.loss.advantage_eps)
         mine = list(range(len(rollouts)))[self.ctx.dp_rank::self.ctx.dp]
-        return self.step_fn.run([rollouts[i] for i in mine], mine, adv)
+        return self.step_fn.run([rollouts[i] for i in mine], mine, adv, step=self.step)
 
     def sync_weights(self) -> dict:
         """All ranks iterate the exporter (it gathers TP/PP shards); rank 0 sends the buckets to the servers."""
