@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from sglang_rollout.http_client import HttpClient, ProtocolError, ServerError
@@ -344,10 +344,12 @@ class RolloutClient:
             values = [e[0] for e in entries]
         except (KeyError, TypeError, IndexError) as e:
             raise ProtocolError(srv.url, "/generate", f"no meta_info.input_token_logprobs in the answer ({e})")
-        if len(values) != len(input_ids) or values[0] is not None:
-            raise ProtocolError(srv.url, "/generate", f"expected {len(input_ids)} input log-probs starting with "
-                                                      f"null, got {len(values)}")
-        return [float(v) for v in values[1:]]
+        if len(values) == len(input_ids):  # SGLang: the first token has no log-prob (null)
+            values = values[1:]
+        if len(values) != len(input_ids) - 1 or any(v is None for v in values):
+            raise ProtocolError(srv.url, "/generate", f"expected {len(input_ids)} input log-probs (the first null), "
+                                                      f"got {len(entries)}")
+        return [float(v) for v in values]
 
 
 def _parse_item(url: str, obj: Any) -> tuple[str, list[int], list[float], dict, str]:

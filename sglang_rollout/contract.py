@@ -15,7 +15,7 @@ accepted where ``int``/``float`` is asked (unlike Python's `isinstance`), matchi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 __all__ = [

@@ -140,6 +140,7 @@ class HttpClient:
             try:
                 if connecting:
                     conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     connecting = False
                 conn.sock.settimeout(timeout_s)
                 conn.request(method, target, body=data, headers=headers)

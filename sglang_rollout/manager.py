@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient

@@ -86,7 +86,7 @@ class ServerClient:
         return self._update("/update_weights_from_disk", body)
 
     def update_weights_from_tensor(self, serialized: list[str], *, load_format: Optional[str] = None,
-                                   weight_version: Optional[str] = None, flush_cache: bool = False) -> dict:
+                                   weight_version: Optional[str] = None, flush_cache: bool = True) -> dict:
         body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
@@ -101,7 +101,7 @@ class ServerClient:
 
     def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, load_format: Optional[str] = None,
-                                        weight_version: Optional[str] = None, flush_cache: bool = False) -> dict:
+                                        weight_version: Optional[str] = None, flush_cache: bool = True) -> dict:
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                 "load_format": load_format, "flush_cache": flush_cache}
         if weight_version is not None:

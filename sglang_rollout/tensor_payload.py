@@ -3,17 +3,19 @@
 SGLang's format (`MultiprocessingSerializer.serialize(obj, output_str=True)`): a `ForkingPickler` pickle of
 either `list[(name, tensor)]` (load_format null/"direct") or, for `load_format="flattened_bucket"`,
 `{"flattened_tensor": 1-D tensor, "metadata": [FlattenedTensorMetadata(name, shape, dtype, start_idx, end_idx,
-numel)]}`, base64-encoded. `ForkingPickler` turns a CUDA tensor into a CUDA-IPC handle and a CPU tensor into a
-shared-memory segment: the receiver maps the sender's memory, so the payload is only valid on the same host and
-only while the sender keeps the tensor alive (the sender must hold its bucket until the HTTP call returns).
+numel)]}`, base64-encoded. `ForkingPickler` turns a CUDA tensor into a CUDA-IPC handle: the receiver maps the
+sender's memory, so the payload is only valid on the same host and only while the sender keeps the tensor alive.
 
-CPU tensors are shared with torch's ``file_system`` strategy while serialising: the default
-``file_descriptor`` strategy passes descriptors through a multiprocessing resource sharer that only processes of
-one multiprocessing family (same authkey) can reach, which a separately launched server is not.
+CPU tensors (the built-in server on CPU machines) are put into POSIX shared-memory segments by our own reducer
+(`reducer_override`) instead of torch's CPU reducers: torch's "file_descriptor" strategy only reaches processes of
+one multiprocessing family, and its "file_system" strategy starts a `torch_shm_manager` daemon that can outlive
+the sender and hold its inherited file descriptors. Our segments belong to the `shared_payload` context: they are
+unlinked when it exits, i.e. after every server answered (the buffer is never reused or freed before the server
+copied it). A real SGLang server only ever receives CUDA tensors (colocated GPUs) and never sees this reducer.
 
-When sglang is importable its own `FlattenedTensorBucket`/`FlattenedTensorMetadata` classes are used, because a
-real SGLang server unpickles with an allow-list that only knows its own classes. The built-in server accepts
-either class (and nothing outside an allow-list: `deserialize` refuses arbitrary globals).
+When sglang is importable its own `FlattenedTensorMetadata` class is used, because a real SGLang server unpickles
+with an allow-list that only knows its own classes. The built-in server accepts either class and nothing outside
+an allow-list (`deserialize_named_tensors` refuses arbitrary globals).
 """
 
 from __future__ import annotations
@@ -22,19 +24,19 @@ import base64
 import contextlib
 import io
 import pickle
-import threading
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.multiprocessing as tmp
+import torch.multiprocessing  # noqa: F401 - registers torch's CUDA-IPC reducers with ForkingPickler
 
 __all__ = [
     "FlattenedTensorMetadata",
     "flatten_bucket",
     "unflatten_bucket",
-    "serialize_named_tensors",
+    "shared_payload",
     "deserialize_named_tensors",
     "PayloadError",
 ]
@@ -98,42 +100,93 @@ def unflatten_bucket(obj: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-_strategy_lock = threading.Lock()
+def _rebuild_cpu_shm(name: str, shape: tuple, dtype_name: str, nbytes: int) -> torch.Tensor:
+    """Receiver side of `_ShmPickler`: a tensor over a private (copy-on-write) mapping of the sender's segment.
+
+    No copy is made here; the mapping lives as long as the tensor (the loader copies it into the model and drops
+    it) and stays valid after the sender unlinks the segment. The segment is mapped directly, not through
+    `SharedMemory`, which would register it with this process's resource tracker (one a spawned sender may share)
+    and unregister it twice.
+    """
+    import mmap
+    import os
+
+    import _posixshmem
+
+    dtype = getattr(torch, dtype_name)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDONLY, mode=0o600)
+    try:
+        m = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+class _ShmPickler(ForkingPickler):
+    """ForkingPickler that puts CPU tensors into shared-memory segments owned by `segments`."""
+
+    def __init__(self, buf, segments: list):
+        super().__init__(buf, pickle.HIGHEST_PROTOCOL)
+        self.segments = segments
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            t = obj.detach().contiguous()
+            nbytes = t.numel() * t.element_size()
+            shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+            self.segments.append(shm)
+            if nbytes:
+                dst = torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes)
+                dst.copy_(t.reshape(-1).view(torch.uint8))
+                del dst
+            return _rebuild_cpu_shm, (shm.name, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes)
+        return NotImplemented  # CUDA tensors: torch's CUDA-IPC reducer (SGLang's format)
 
 
 @contextlib.contextmanager
-def _file_system_sharing():
-    with _strategy_lock:
-        old = tmp.get_sharing_strategy()
-        tmp.set_sharing_strategy("file_system")
-        try:
-            yield
-        finally:
-            tmp.set_sharing_strategy(old)
+def shared_payload(obj: Any) -> Iterator[str]:
+    """`MultiprocessingSerializer.serialize(obj, output_str=True)`; CPU tensor segments live until exit."""
+    segments: list[shared_memory.SharedMemory] = []
+    try:
+        buf = io.BytesIO()
+        _ShmPickler(buf, segments).dump(obj)
+        yield base64.b64encode(buf.getvalue()).decode("ascii")
+    finally:
+        for shm in segments:
+            shm.close()
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
 
 
-def serialize_named_tensors(obj: Any) -> str:
-    """`MultiprocessingSerializer.serialize(obj, output_str=True)`: ForkingPickler pickle, base64 text."""
-    buf = io.BytesIO()
-    with _file_system_sharing():
-        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-# Globals a weight payload may reference: torch's own rebuild functions, storages and dtypes, our metadata class
-# and sglang's. Anything else (os.system, ...) is refused.
-_ALLOWED_MODULE_PREFIXES = ("torch", "multiprocessing.resource_sharer", "collections")
-_ALLOWED_EXACT = {
+# Globals a weight payload may reference: torch's tensor/storage rebuild functions, dtypes and Size, our CPU
+# shared-memory rebuild, the metadata classes, plain containers. Anything else (os.system, torch.load, ...) is refused.
+_ALLOWED_EXACT = {(__name__, "_rebuild_cpu_shm"), ("torch", "Size"), ("torch", "Tensor"),
+                  ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"),
+                  ("collections", "OrderedDict")} | {
     ("builtins", n) for n in ("list", "tuple", "dict", "set", "frozenset", "int", "float", "str", "bytes", "bool",
-                              "slice", "getattr")
+                              "slice")
 }
+_ALLOWED_PREFIX = {"torch.multiprocessing.reductions": "rebuild_", "torch._utils": "_rebuild_"}
+
+
+def _allowed(module: str, name: str) -> bool:
+    if (module, name) in _ALLOWED_EXACT:
+        return True
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return True
+    prefix = _ALLOWED_PREFIX.get(module)
+    return prefix is not None and name.startswith(prefix)
 
 
 class _WeightUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name == "FlattenedTensorMetadata":
             return FlattenedTensorMetadata if _SGLMeta is None else _SGLMeta
-        if (module, name) in _ALLOWED_EXACT or module.split(".")[0] in _ALLOWED_MODULE_PREFIXES:
+        if _allowed(module, name):
             return super().find_class(module, name)
         raise PayloadError(f"refused to unpickle {module}.{name}: not allowed in a weight payload")
 
@@ -161,7 +214,3 @@ def deserialize_named_tensors(data: str, load_format: str | None) -> list[tuple[
     ):
         raise PayloadError("expected a list of (name, tensor) pairs in the tensor payload")
     return [(n, t) for n, t in obj]
-
-
-def named_tensors_nbytes(named: Iterable[tuple[str, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for _, t in named)

@@ -37,7 +37,9 @@ USED = {
 def _doc_path():
     here = os.path.dirname(os.path.abspath(__file__))
     for p in (os.environ.get("SGLANG_HTTP_API_DOC", ""), os.path.join(here, "..", "shared", "docs",
-              "SGLANG_HTTP_API.md"), "/work/shared/docs/SGLANG_HTTP_API.md"):
+              "SGLANG_HTTP_API.md"),
+              os.path.join(here, "..", "..", "shared", "docs", "SGLANG_HTTP_API.md"),  # shared/ beside the checkout
+              "/work/shared/docs/SGLANG_HTTP_API.md"):
         if p and os.path.isfile(p):
             return p
     return None

@@ -68,6 +68,31 @@ def test_killed_server_is_restarted_and_its_requests_resent(model_dir, tmp_path)
     assert mgr._procs[0].popen.poll() is not None  # stopped on exit
 
 
+def test_restarted_server_comes_back_with_the_last_synced_weights(model_dir, tmp_path):
+    """After a disk sync, `set_weights` makes a restart load the synced folder and announce its version."""
+    from transformers import AutoModelForCausalLM
+
+    from sglang_rollout.weight_sync import DiskTransport, WeightSync
+
+    new = AutoModelForCausalLM.from_pretrained(make_tiny_hf_model(str(tmp_path / "b"), seed=1)).state_dict()
+    cfg = ManagerConfig(servers=(ServerConfig(model_path=model_dir, port=free_port()),),
+                        health_check_interval_s=0.3, startup_timeout_s=120)
+    with ServerManager(cfg) as mgr:
+        tr = DiskTransport(str(tmp_path / "sync"), base_model_path=model_dir)
+        sync = WeightSync(mgr.clients(timeout_s=60), tr)
+        sync.sync(new.items(), "v1")
+        mgr.set_weights(tr.last_path, sync.version)
+        synced = RolloutClient(mgr.urls).logprobs([5, 6, 7, 8])
+        pid0 = mgr.pid(0)
+        os.kill(pid0, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not any("healthy again" in e[2] for e in mgr.events) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mgr.pid(0) != pid0
+        assert mgr.clients()[0].weight_version() == "v1"
+        assert RolloutClient(mgr.urls).logprobs([5, 6, 7, 8]) == synced  # same weights, same numbers
+
+
 def test_hung_server_is_detected_and_restarted(model_dir):
     cfg = ManagerConfig(servers=(ServerConfig(model_path=model_dir, port=free_port()),),
                         health_check_interval_s=0.3, health_timeout_s=0.5, unhealthy_after=2, startup_timeout_s=120)

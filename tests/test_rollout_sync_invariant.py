@@ -118,7 +118,7 @@ def _trainer(rank, world_size, hf_dir, url, sync_root, master_port):
 
 
 def test_server_logprobs_equal_trainer_logprobs_after_each_sync(tmp_path):
-    hf_dir = make_tiny_hf_model(str(tmp_path / "hf"), seed=0, init_scale=0.05)
+    hf_dir = make_tiny_hf_model(str(tmp_path / "hf"), seed=0, init_scale=0.15)
     with BuiltinServer(ServerArgs(model_path=hf_dir, port=0)) as server:
         results = run_distributed(_trainer, 2, hf_dir, server.url, str(tmp_path / "sync"), free_port())
     r0 = results[0]

@@ -21,7 +21,7 @@ import torch
 from sglang_rollout.builtin_server.model_runner import ModelRunner, WeightLoadError
 from sglang_rollout.builtin_server.sampler import SamplingSpec
 from sglang_rollout.builtin_server.scheduler import Scheduler, Sequence
-from sglang_rollout.contract import ContractError, validate_body
+from sglang_rollout.contract import ContractError
 from sglang_rollout.process_group import destroy_weights_update_group, init_weights_update_group, parse_dtype
 from sglang_rollout.tensor_payload import PayloadError, deserialize_named_tensors, unflatten_bucket
 
@@ -60,8 +60,7 @@ class Api:
 
     def load(self) -> None:
         self.runner = ModelRunner(self.args.model_path, self.args.dtype)
-        self.scheduler = Scheduler(self.runner, weight_version=lambda: self.weight_version,
-                                   max_batch_size=self.args.max_batch_size)
+        self.scheduler = Scheduler(self.runner, max_batch_size=self.args.max_batch_size)
         self.scheduler.start()
         self.ready = True
 
@@ -124,7 +123,7 @@ class Api:
     def generate(self, body, query) -> Reply:
         if not self.ready:
             return _err(503, "server is starting")
-        validate_body("/generate", body)
+        # (the body was checked against the contract by server.py)
         for key, why in (("text", "the built-in server has no tokenizer: send input_ids"),
                          ("input_embeds", "input_embeds is not supported by the built-in server"),
                          ("lora_path", "LoRA is not supported by the built-in server"),

@@ -14,7 +14,7 @@ Semantics follow SGLang's sampler:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -51,10 +51,8 @@ class Sequence:
 class Scheduler:
     """Runs sequences in KV-cached batches on one thread (see module docstring)."""
 
-    def __init__(self, runner: ModelRunner, *, weight_version: Callable[[], str], max_batch_size: int = 64,
-                 batch_window_s: float = 0.005):
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int = 64, batch_window_s: float = 0.005):
         self.runner = runner
-        self.weight_version = weight_version
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._cv = threading.Condition()

@@ -54,6 +54,13 @@ class BucketPlan:
             b.add(s)
         return b.plan()
 
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                     bucket_bytes: int) -> "BucketPlan":
+        """From (name, shape, dtype) triples, e.g. `dasd_megatron.model.export.ExportPlan.tensors()`: a plan
+        known before the first sync (no look-ahead needed then)."""
+        return cls.build([TensorSpec(n, tuple(s), d) for n, s, d in tensors], bucket_bytes)
+
     @property
     def specs(self) -> list[TensorSpec]:
         return [s for b in self.buckets for s in b]

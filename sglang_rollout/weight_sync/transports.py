@@ -10,7 +10,8 @@
   `/update_weights_from_disk` per server loads the folder.
 
 The weight version travels with the last call of a sync (the last bucket, or the disk load), so a server whose
-update failed half-way keeps announcing its old version.
+update failed half-way keeps announcing its old version. The last call also asks the server to flush its prefix
+cache (`flush_cache`), so no KV entry computed with older weights survives the update.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
@@ -30,8 +30,7 @@ import torch
 
 from sglang_rollout.process_group import dtype_name, init_weights_update_group
 from sglang_rollout.server_client import ServerClient
-from sglang_rollout.tensor_payload import flatten_bucket, serialize_named_tensors
-from sglang_rollout.weight_sync.buckets import TensorSpec
+from sglang_rollout.tensor_payload import flatten_bucket, shared_payload
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +89,13 @@ class TensorTransport(Transport):
         if self.load_format == "flattened_bucket":
             payload_obj = flatten_bucket([(n, t.detach()) for n, t in bucket])
         else:
-            # CPU tensors are moved into shared memory by the pickler: give it copies, not the trainer's params.
-            payload_obj = [(n, t.detach().clone() if t.device.type == "cpu" and not t.is_shared() else t.detach())
-                           for n, t in bucket]
-        payload = serialize_named_tensors(payload_obj)
+            payload_obj = [(n, t.detach()) for n, t in bucket]
         tp = dict(zip(map(id, servers), self.tp_sizes or [1] * len(servers)))
-        call_all(servers, lambda s: s.update_weights_from_tensor(
-            [payload] * tp[id(s)], load_format=self.load_format, weight_version=version if last else None))
-        del payload_obj  # only now: every server has copied the bucket
+        # The payload (CUDA-IPC handles / shared memory) stays valid until every server answered.
+        with shared_payload(payload_obj) as payload:
+            call_all(servers, lambda s: s.update_weights_from_tensor(
+                [payload] * tp[id(s)], load_format=self.load_format, weight_version=version if last else None,
+                flush_cache=last))
 
 
 class DistributedTransport(Transport):
@@ -161,7 +159,7 @@ class DistributedTransport(Transport):
                     names=names, dtypes=[dtype_name(t.dtype) for t in tensors],
                     shapes=[list(t.shape) for t in tensors], group_name=self.group_name,
                     load_format="flattened_bucket" if self.flattened else None,
-                    weight_version=version if last else None))
+                    weight_version=version if last else None, flush_cache=last))
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
 
@@ -219,9 +217,11 @@ class DiskTransport(Transport):
 
     def begin(self, servers, version):
         os.makedirs(self.root, exist_ok=True)
+        for d in os.listdir(self.root):  # leftovers of a sync that failed half-way
+            if d.startswith("weights_") and d.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
         final = os.path.join(self.root, f"weights_{_safe_version(version)}")
         self._dir = final + ".partial"
-        shutil.rmtree(self._dir, ignore_errors=True)
         os.makedirs(self._dir)
         if self.base_model_path:
             for name in self._AUX:
