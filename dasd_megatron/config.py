@@ -215,7 +215,14 @@ def validate_layout(cfg: RunConfig, arch, world_size: int, te_available: bool) -
     """All layout rules that need both the architecture and the parallel degrees."""
     p, m = cfg.parallel, cfg.model
     tp, pp, cp = p.tensor, p.pipeline, p.context
-    p.data_parallel_size(world_size)
+    dp = p.data_parallel_size(world_size)
+    rollouts = cfg.train.prompts_per_step * cfg.train.samples_per_prompt
+    if rollouts < dp:
+        raise config_error(
+            "train.prompts_per_step", cfg.train.prompts_per_step,
+            f"prompts_per_step * samples_per_prompt = {rollouts} rollouts cannot feed {dp} data-parallel ranks",
+            f"use at least {-(-dp // cfg.train.samples_per_prompt)} prompts per step",
+        )
     if arch.num_attention_heads % tp:
         raise config_error(
             "parallel.tensor", tp,

@@ -138,3 +138,10 @@ def test_learning_rate_warmup():
 
     assert [OptimConfig(lr=1e-3, warmup_steps=4).lr_at(s) for s in range(6)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
     assert OptimConfig(lr=2e-6).lr_at(0) == 2e-6
+
+
+def test_batch_must_feed_every_data_parallel_rank():
+    cfg = apply_overrides(_cfg(), ["train.prompts_per_step=1", "train.samples_per_prompt=2"])
+    with pytest.raises(ConfigError, match=r"train.prompts_per_step=1: .*2 rollouts cannot feed 4 data-parallel.*use at least 2"):
+        validate_layout(cfg, ARCH, 4, te_available=False)
+    validate_layout(cfg, ARCH, 2, te_available=False)

@@ -171,6 +171,9 @@ class DASDStep:
             step: int = 0) -> dict:
         """All phases for this DP rank's rollouts (global ids `rollout_ids` index `advantages`, shape [N]);
         `step` (0-based) sets the learning rate through `optim.warmup_steps`."""
+        if not rollouts:
+            raise ValueError("DASDStep.run: this data-parallel rank received no rollouts (every sample came back empty, "
+                             "or the batch is smaller than the DP size). Fix: raise train.prompts_per_step")
         packs = self.pack(rollouts, rollout_ids)
         self.score(packs)
         rstats = self.rollout_stats(packs, advantages.shape[0])
