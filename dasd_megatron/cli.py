@@ -78,7 +78,10 @@ def cmd_train(args) -> int:
     """DASD training (see dasd_megatron/train/loop.py); with --nproc N, relaunched under torchrun."""
     cfg = _resolve_train(args)  # config errors surface here, before any process starts
     if args.nproc > 1 and "RANK" not in os.environ:
+        from dasd_megatron.model.pretrained import resolve_pretrained
+
         cfg.validate_layout(args.nproc)
+        resolve_pretrained(cfg.model.hf_config)  # a hub id is fetched or materialised once, before the ranks start
         return _relaunch_under_torchrun(args.nproc)
     from dasd_megatron.train.loop import train
 
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dasd_megatron.platform import quiet_known_warnings
+
+    quiet_known_warnings()
     logging.basicConfig(level=os.environ.get("DASD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -20,6 +20,22 @@ log = logging.getLogger(__name__)
 _applied = False
 
 
+KNOWN_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",   # megatron-core at import: torch fallbacks are used
+    r"Apex is not installed",                            # the same, for norms
+    r"full scope is deprecated",                         # megatron 0.16's own default cuda_graph_scope
+)
+"""Import-time UserWarnings of megatron-core that say nothing a user can act on (the layout line names the attention
+backend and precision in use). `quiet_known_warnings` hides exactly these; everything else still shows."""
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

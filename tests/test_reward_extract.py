@@ -90,3 +90,27 @@ def test_reward_config_validation():
     with pytest.raises(ConfigError, match=r"reward\.worker_memory_mb=64: must be an integer >= 256 or None"):
         RewardConfig(worker_memory_mb=64)
     assert RewardConfig(timeout_s=0.25).score_of("timeout") == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("7 + 5 = 12.", "12"),
+    ("It is 1,234 apples", "1234"),
+    ("x = -3.5", "-3.5"),
+    ("about 3/4 of it", "3/4"),
+    ("step2 gives 7", "7"),           # digits glued to a word are not a number
+    ("12,345,678.5 in all", "12345678.5"),
+    ("nothing numeric", None),
+])
+def test_last_number(text, expected):
+    from dasd_megatron.reward import last_number
+
+    assert last_number(text) == expected
+
+
+def test_last_number_fallback_is_off_by_default_and_comes_last():
+    assert extract_answer("7 + 5 = 12") is None
+    assert extract_answer("7 + 5 = 12", last_number_fallback=True) == "12"
+    assert extract_answer("Answer: 11\nthen 12", last_number_fallback=True) == "11"      # the Answer: line first
+    assert extract_answer(r"\boxed{10} or 12", last_number_fallback=True) == "10"         # a box before either
+    assert extract_answer(r"12 then \boxed{10", last_number_fallback=True) is None        # a truncated box: missing
+    assert extract_answer("no digits", last_number_fallback=True) is None

@@ -85,6 +85,13 @@ def test_custom_scores_and_counters():
     assert (m["reward/checks"], m["reward/correct"], m["reward/incorrect"], m["reward/unparseable"]) == (3, 1, 1, 1)
 
 
+def test_last_number_fallback_scores_prose_answers():
+    with RewardScorer(RewardConfig(num_workers=1, last_number_fallback=True)) as s:
+        res = s.score(["7 + 5 = 12.", "7 + 5 = 13", "It is twelve", r"\boxed{11}, I mean 12"], ["12"] * 4)
+    assert [r.status for r in res] == ["correct", "incorrect", "unparseable", "incorrect"]
+    assert [r.extracted for r in res] == ["12", "13", None, "11"]
+
+
 def test_mismatched_lengths_and_closed_scorer():
     s = RewardScorer(RewardConfig(num_workers=1))
     with pytest.raises(ValueError, match="2 responses but 1 golds"):

@@ -30,6 +30,9 @@ class PromptConfig:
     chat_template: Literal["auto", "plain"] = "auto"
     """'auto': the tokenizer's chat template when it has one, else the plain format; 'plain': always the plain
     format (`prompts.PLAIN_FORMAT`)."""
+    instruction: Optional[str] = None
+    """The request that ends both user messages (None: `prompts.INSTRUCTION`, "Think it through step by step, then
+    write your final answer inside \\boxed{}.")."""
     enable_thinking: Optional[bool] = None
     """Passed to the chat template when not None (Qwen3 templates switch thinking mode with it)."""
     teacher_context: tuple[str, ...] = CONTEXT_KINDS
@@ -46,6 +49,9 @@ class PromptConfig:
         if self.enable_thinking not in (None, True, False):
             raise config_error("data.prompt.enable_thinking", self.enable_thinking, "must be true, false or null",
                                "use null unless the chat template reads enable_thinking")
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction.strip()):
+            raise config_error("data.prompt.instruction", self.instruction, "must be a non-empty string or null",
+                               "write the request, e.g. 'Reply with just the number.', or null for the default")
         kinds = tuple(self.teacher_context)
         bad = [k for k in kinds if k not in CONTEXT_KINDS]
         if bad or len(set(kinds)) != len(kinds):

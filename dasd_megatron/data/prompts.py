@@ -11,6 +11,8 @@ User messages (our wording)::
     student:  {problem}\\n\\n{INSTRUCTION}
     teacher:  {problem}\\n\\n{context block}\\n\\n{INSTRUCTION}
 
+`INSTRUCTION` is ours unless `data.prompt.instruction` replaces it (a small model may need a plainer request).
+
 Context kinds, tried in the order of `data.prompt.teacher_context` (default solution, sibling, answer_hint):
 
 - `solution`: the data set's reference solution (MATH, Minerva, OlympiadBench, AIME24, GSM8K);
@@ -74,13 +76,13 @@ def format_answer_hint(answer: Any) -> str:
     return " or ".join(f"${a}$" if "$" not in a else a for a in map(str, answers))
 
 
-def student_message(problem: str) -> str:
-    return f"{problem.strip()}\n\n{INSTRUCTION}"
+def student_message(problem: str, instruction: Optional[str] = None) -> str:
+    return f"{problem.strip()}\n\n{instruction or INSTRUCTION}"
 
 
-def teacher_message(problem: str, kind: str, context: str) -> str:
+def teacher_message(problem: str, kind: str, context: str, instruction: Optional[str] = None) -> str:
     block = _BLOCKS[kind].format(context=context.strip())
-    return f"{problem.strip()}\n\n{block}\n\n{INSTRUCTION}"
+    return f"{problem.strip()}\n\n{block}\n\n{instruction or INSTRUCTION}"
 
 
 def uses_chat_template(tokenizer: Any, cfg: PromptConfig) -> bool:
@@ -123,14 +125,14 @@ def student_prompt_lengths(tokenizer: Any, examples: Sequence[MathExample], cfg:
     """Token counts of the student prompts of `examples`."""
     out: list[int] = []
     for start in range(0, len(examples), chunk):
-        texts = [render(tokenizer, student_message(ex.problem), cfg) for ex in examples[start:start + chunk]]
+        texts = [render(tokenizer, student_message(ex.problem, cfg.instruction), cfg) for ex in examples[start:start + chunk]]
         out.extend(len(ids) for ids in encode_batch(tokenizer, texts, cfg))
     return out
 
 
 def student_prompt(tokenizer: Any, example: MathExample, cfg: PromptConfig) -> tuple[str, list[int]]:
     """`(text, ids)` of the student prompt."""
-    text = render(tokenizer, student_message(example.problem), cfg)
+    text = render(tokenizer, student_message(example.problem, cfg.instruction), cfg)
     return text, encode(tokenizer, text, cfg)
 
 
@@ -150,7 +152,7 @@ def build_prompt_pair(tokenizer: Any, example: MathExample, cfg: PromptConfig = 
         context = _context_of(kind, example, sibling)
         if not context or not context.strip():
             continue
-        t_text = render(tokenizer, teacher_message(example.problem, kind, context), cfg)
+        t_text = render(tokenizer, teacher_message(example.problem, kind, context, cfg.instruction), cfg)
         t_ids = encode(tokenizer, t_text, cfg)
         limit = cfg.max_teacher_prompt_tokens
         if limit is not None and len(t_ids) > limit and kind != "answer_hint":

@@ -53,8 +53,9 @@ def apply_in_valid_order(cfg, overrides: list[str]):
 
     `apply_overrides` validates after each item, so `train.max_response_tokens=8192 train.micro_batch_tokens=16384`
     fails in that order (the first item alone breaks micro_batch_tokens >= prompt + response) but not in the other.
-    Items that fail are retried after the others; an unknown field or a value that is wrong in every order raises
-    the error of the first item that cannot be placed.
+    Items that fail are retried after the others; when none of the rest can go alone they are applied together
+    (two fields that must change at once); an unknown field or a value that is wrong in every order raises the
+    error of the first item that cannot be placed.
     """
     pending, order = list(overrides), []
     while pending:
@@ -69,5 +70,12 @@ def apply_in_valid_order(cfg, overrides: list[str]):
             pending.remove(item)
             break
         else:
-            raise first_error
+            # items that are only valid together (loss.temperature and rollout.temperature must be equal):
+            # `apply_overrides` applies a list at once, so the rest goes in as one group
+            try:
+                cfg = apply_overrides(cfg, pending)
+            except (ConfigError, ValueError):
+                raise first_error from None
+            order += pending
+            pending = []
     return cfg, order

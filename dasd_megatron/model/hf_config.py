@@ -71,19 +71,33 @@ def _config_path(path: str) -> str:
 
 
 def _hub_config(repo_id: str) -> Optional[str]:
-    """config.json of a hub model id: the HF cache / hub (with network), else the shape shipped with the recipes."""
+    """config.json of a hub model id: the HF cache, else the shape shipped with the recipes, else the hub (network).
+
+    The shipped shapes come before the network: they are copies of the published configs, and a hub request from
+    a machine without network retries for ~20 s before it fails."""
     try:
         from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - offline, unknown repo, no cache: fall back to the shipped shapes
-        pass
+    except ImportError:
+        hf_hub_download = None
+    if hf_hub_download is not None:
+        try:
+            return hf_hub_download(repo_id, "config.json", local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache
+            pass
     try:
         from recipes.models import shipped_config_dir
+
+        d = shipped_config_dir(repo_id)
+        if d is not None:
+            return str(d / "config.json")
     except ImportError:
-        return None
-    d = shipped_config_dir(repo_id)
-    return str(d / "config.json") if d is not None else None
+        pass
+    if hf_hub_download is not None:
+        try:
+            return hf_hub_download(repo_id, "config.json")
+        except Exception:  # noqa: BLE001 - offline or unknown repo
+            pass
+    return None
 
 
 def load_hf_architecture(path_or_dict) -> HFArchitecture:

@@ -16,8 +16,12 @@ import torch
 import torch.distributed as dist
 
 
-def _inner(model):
+def inner_module(model):
+    """The megatron module inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "ddp_config") else model
+
+
+_inner = inner_module
 
 
 def save_model(model, ckpt_dir: str) -> None:
@@ -49,6 +53,7 @@ def load_model(model, ckpt_dir: str, strict: bool = True) -> None:
 
 CKPT_PREFIX = "step_"
 META = "dasd_meta.json"  # written last: its presence marks a complete checkpoint
+TEACHER_DIR = "teacher"
 
 
 def _step_dir(root: str, step: int) -> str:
@@ -90,9 +95,11 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2) -> str:
+def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2,
+                             teacher=None) -> str:
     """Save model, optimizer (sharded, any layout can load it), every rank's RNG and the loop `state` (JSON:
-    step, data position, ...) as `root/step_XXXXXXXX`, atomically.
+    step, data position, ...) as `root/step_XXXXXXXX`, atomically. A separate `teacher` model (train.teacher=frozen
+    or ema) goes into its own distributed checkpoint in the `teacher` subfolder.
 
     All ranks write into a temporary sibling folder; after a barrier rank 0 writes the metadata (the completion
     marker) and renames the folder into place. A crash at any point leaves either the previous checkpoints intact
@@ -113,6 +120,11 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     model_sd = inner.sharded_state_dict()
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
     dist_checkpointing.save(sharded, tmp)
+    if teacher is not None:
+        if rank == 0:
+            os.makedirs(os.path.join(tmp, TEACHER_DIR))
+        dist.barrier()
+        dist_checkpointing.save(_inner(teacher).sharded_state_dict(), os.path.join(tmp, TEACHER_DIR))
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
     dist.barrier()
@@ -129,9 +141,10 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     return final
 
 
-def load_training_checkpoint(root: str, model, optimizer, step: int | None = None) -> dict | None:
+def load_training_checkpoint(root: str, model, optimizer, step: int | None = None, teacher=None) -> dict | None:
     """Restore the newest (or the given) complete checkpoint under `root`; returns its loop state, or None when
-    there is none. RNG states are restored per rank when the world size is unchanged."""
+    there is none. RNG states are restored per rank when the world size is unchanged. `teacher` (a separate teacher
+    model) is restored from the checkpoint's `teacher` subfolder, which must exist."""
     from megatron.core import dist_checkpointing
 
     ckpts = list_checkpoints(root)
@@ -148,6 +161,13 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
     state = dist_checkpointing.load(sharded, path)
     inner.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if teacher is not None:
+        tdir = os.path.join(path, TEACHER_DIR)
+        if not dist_checkpointing.check_is_distributed_checkpoint(tdir):
+            raise FileNotFoundError(
+                f"{path} has no teacher weights ({TEACHER_DIR}/): it was written by a run with train.teacher=current. "
+                "Fix: resume with the teacher mode the run was started with, or start a new run_dir")
+        load_model(teacher, tdir)
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
     rng = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")

@@ -24,9 +24,25 @@ class TrainConfig:
     """Teacher weights: the current policy (METHOD.md default), the frozen initial policy, or an EMA of the policy."""
     ema_decay: float = 0.99
     dynamic_sampling: bool = False
-    """Drop prompt groups whose rewards have zero variance (and draw more prompts to refill the batch)."""
+    """DAPO's dynamic sampling: drop prompt groups whose G rewards are all equal (zero GRPO advantage) and draw
+    more prompts until `prompts_per_step` groups with varied rewards are collected."""
+    dynamic_sampling_max_rounds: int = 4
+    """Generation rounds per step under dynamic sampling; when they do not yield enough varied groups, the batch is
+    filled with the dropped groups (their reward term is zero, their distillation term is not) and the shortfall is
+    logged as `rollout/ds_filled_groups`."""
     eval_interval: int = 0
-    """Steps between evaluations (0: never)."""
+    """Steps between evaluations on `eval_source` (0: never). With it on, the run also evaluates before the first
+    step and after the last, so the log shows where the policy started and ended."""
+    eval_source: str = ""
+    """The evaluation problems: a local file / hub name read with the training data's schema and field mapping."""
+    eval_split: str = "test"
+    """Hub split (or the file name prefix in a local folder) of `eval_source`."""
+    eval_limit: int = 64
+    """Evaluate on the first `eval_limit` problems of `eval_source` (in file order)."""
+    eval_samples: int = 1
+    """Samples per evaluation problem."""
+    eval_temperature: float = 0.0
+    """Sampling temperature of evaluation (0: greedy, one deterministic answer per problem)."""
     checkpoint_interval: int = 10
     keep_last_checkpoints: int = 2
     seed: int = 1234
@@ -54,6 +70,16 @@ class TrainConfig:
         for name in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):
             if getattr(self, name) < 0:
                 raise config_error(f"train.{name}", getattr(self, name), "must be >= 0", "use 0 to disable")
+        for name in ("dynamic_sampling_max_rounds", "eval_limit", "eval_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise config_error(f"train.{name}", v, "must be an integer >= 1", "set a positive value")
+        if not isinstance(self.eval_temperature, (int, float)) or self.eval_temperature < 0:
+            raise config_error("train.eval_temperature", self.eval_temperature, "must be >= 0",
+                               "use 0 for greedy evaluation")
+        if self.eval_interval and not self.eval_source:
+            raise config_error("train.eval_source", self.eval_source, "train.eval_interval > 0 needs problems to "
+                               "evaluate on", "set train.eval_source to a file or hub name, or train.eval_interval=0")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,11 @@ Normalisation: megatron's per-token-loss convention (see train/engine.py). Each 
 token losses and its token count; megatron sums the counts over micro-batches and DP ranks and divides the gradients
 by the total, so the step optimises the token mean over the global batch.
 
-Limits (checked by `check_supported`): teacher weights 'current' only; the `full` estimator with pipeline
-parallelism > 1, context parallelism > 1, dynamic sampling and in-loop evaluation are not implemented yet.
+Teacher weights: the policy itself (`train.teacher=current`), or a separate frozen / EMA copy
+(`train/teacher.py`), whose model then runs the teacher forwards of phases 1 and 3 (updated after each optimizer step).
+
+Limits (checked by `check_supported`): the `full` estimator with pipeline parallelism > 1 and context parallelism > 1
+are not implemented yet.
 """
 
 from __future__ import annotations
@@ -36,14 +39,6 @@ from dasd_megatron.train.engine import forward_backward, optimizer_step
 
 def check_supported(cfg: RunConfig) -> None:
     """Refuse configurations this step does not implement yet, naming the field and the fix."""
-    if cfg.train.teacher != "current":
-        raise ConfigError(f"train.teacher={cfg.train.teacher!r}: only 'current' (the policy's own weights, METHOD.md's "
-                          "default) is implemented yet. Fix: set train.teacher=current")
-    if cfg.train.dynamic_sampling:
-        raise ConfigError("train.dynamic_sampling=true is not implemented yet. Fix: set train.dynamic_sampling=false")
-    if cfg.train.eval_interval:
-        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: evaluation inside the training loop is not "
-                          "implemented yet. Fix: set train.eval_interval=0 and run `dasd eval` on checkpoints")
     if cfg.parallel.context > 1:
         raise ConfigError("parallel.context>1: the DASD step does not align teacher rows across CP ranks yet. "
                           "Fix: use parallel.context=1 for training")
@@ -68,9 +63,15 @@ _SUMMED = ("loss/total", "loss/pg", "loss/distill")
 
 
 class DASDStep:
-    def __init__(self, model, optimizer, cfg: RunConfig, arch, ctx):
+    def __init__(self, model, optimizer, cfg: RunConfig, arch, ctx, teacher=None):
+        """`teacher`: a `TeacherWeights` (train.teacher=frozen/ema) whose model runs the teacher forwards; None: the
+        policy itself (train.teacher=current)."""
         check_supported(cfg)
+        if (teacher is None) != (cfg.train.teacher == "current"):
+            raise ValueError(f"DASDStep: train.teacher={cfg.train.teacher!r} but teacher weights were "
+                             f"{'not ' if teacher is None else ''}given")
         self.model, self.optimizer, self.cfg, self.arch, self.ctx = model, optimizer, cfg, arch, ctx
+        self.teacher = teacher
         self.pad_multiple = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
 
     # -- helpers ---------------------------------------------------------------------------------------------------
@@ -121,7 +122,8 @@ class DASDStep:
                 return out, loss_func
 
             seq = max(p.teacher.tokens.shape[1] if teacher else p.student.tokens.shape[1] for p in packs)
-            forward_backward(self.model, list(enumerate(packs)), forward_step, seq_length=seq, forward_only=True)
+            net = self.teacher.model if teacher and self.teacher is not None else self.model
+            forward_backward(net, list(enumerate(packs)), forward_step, seq_length=seq, forward_only=True)
 
     def rollout_stats(self, packs: list[ScoredPack], num_rollouts: int):
         """Phase 2: per-rollout statistics over whole rollouts (last stage; None elsewhere)."""
@@ -143,7 +145,7 @@ class DASDStep:
             t_logits = None
             if full:
                 with torch.no_grad():
-                    t_logits = self._forward(model, p.teacher)
+                    t_logits = self._forward(model if self.teacher is None else self.teacher.model, p.teacher)
             out = self._forward(model, p.student)
 
             def loss_func(logits):
@@ -179,6 +181,8 @@ class DASDStep:
         rstats = self.rollout_stats(packs, advantages.shape[0])
         result = self.train(packs, advantages.to(self.ctx.device), rstats)
         result.update(optimizer_step(self.optimizer, lr=self.cfg.optim.lr_at(step)))
+        if self.teacher is not None and result.get("update_successful", True):
+            self.teacher.update(self.model)
         result.update(self._summarise(result.pop("reports"), result.pop("metrics")))
         return result
 

@@ -27,6 +27,24 @@ from dasd_megatron.train.batch import Rollout
 log = logging.getLogger(__name__)
 
 
+def _with_local_model(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `model.hf_config` resolved to a local folder holding weights and a tokenizer (a hub id is looked up
+    in the HF cache, downloaded, or materialised from a packaged offline copy: `model.pretrained`)."""
+    import dataclasses
+
+    from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
+
+    path = resolve_pretrained(cfg.model.hf_config)
+    if not os.path.isdir(path) or not has_weights(path):
+        raise ConfigError(f"model.hf_config={cfg.model.hf_config!r}: training needs a HF model folder with weights "
+                          "(*.safetensors) and a tokenizer. Fix: download or convert one and point model.hf_config at "
+                          "it")
+    if path == cfg.model.hf_config:
+        return cfg
+    log.info("model.hf_config=%s -> %s", cfg.model.hf_config, path)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=path))
+
+
 def _broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -43,23 +61,27 @@ class Trainer:
         from dasd_megatron.train.dasd_step import DASDStep, check_supported
         from dasd_megatron.train.engine import build_optimizer, wrap_ddp
 
-        self.cfg = cfg
         self.arch = load_hf_architecture(cfg.model.hf_config)
         cfg.validate_layout(env_world_size(), self.arch)
         check_supported(cfg)
-        if not os.path.isdir(cfg.model.hf_config):
-            raise ConfigError(f"model.hf_config={cfg.model.hf_config!r}: training needs a local HF model folder with "
-                              "weights and tokenizer. Fix: download or convert one and point model.hf_config at it")
+        cfg = _with_local_model(cfg)
+        self.cfg = cfg
         self.ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
         self.model = wrap_ddp(build_model(cfg, self.arch),
                               use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.step_fn = DASDStep(self.model, self.optimizer, cfg, self.arch, self.ctx)
+        self.teacher = None
+        if cfg.train.teacher != "current":
+            from dasd_megatron.train.teacher import TeacherWeights
+
+            self.teacher = TeacherWeights(build_model(cfg, self.arch), cfg.train.teacher, cfg.train.ema_decay)
+        self.step_fn = DASDStep(self.model, self.optimizer, cfg, self.arch, self.ctx, teacher=self.teacher)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         self.step = 0
         self.tokenizer = None
         self.data = None
         self.prompts = None
+        self.eval_examples = None
         self.scorer = None
         self.servers = None
         self.client = None
@@ -78,9 +100,14 @@ class Trainer:
         if not self.data.examples:
             raise ConfigError(f"data.source={cfg.data.source!r}: no usable rows. Fix: check the file and schema")
         self.prompts = PromptIterator.from_config(self.data.examples, cfg.data)
-        meta = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer)
+        if cfg.train.eval_interval:
+            self.eval_examples = self._load_eval_examples()
+        meta = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer,
+                                        teacher=None if self.teacher is None else self.teacher.model)
         if meta is None:
             load_hf_weights(self.model, open_hf_checkpoint(cfg.model.hf_config))
+            if self.teacher is not None:
+                self.teacher.copy_from(self.model)
         else:
             self.step = int(meta["step"])
             self.prompts.load_state_dict(meta["prompts"])
@@ -112,7 +139,8 @@ class Trainer:
             servers = tuple(
                 ServerConfig(model_path=self.cfg.model.hf_config, port=r.base_port + i, backend=r.backend,
                              tp_size=r.server_tp, mem_fraction_static=r.mem_fraction_static,
-                             log_file=os.path.join(self.cfg.run_dir, "logs", f"rollout_server_{i}.log"))
+                             log_file=os.path.join(self.cfg.run_dir, "logs", f"rollout_server_{i}.log"),
+                             env=self._server_env())
                 for i in range(r.num_servers)
             )
             os.makedirs(os.path.join(self.cfg.run_dir, "logs"), exist_ok=True)
@@ -129,23 +157,39 @@ class Trainer:
                               "Fix: use disk or tensor for single-node runs")
         self.sync = WeightSync(clients, transport)
 
+    def _server_env(self) -> tuple:
+        """The built-in (CPU) server generates while the trainers wait: let it use every core, not the one thread
+        torchrun gives each trainer (OMP_NUM_THREADS=1)."""
+        if self.cfg.rollout.backend != "builtin" or torch.cuda.is_available():
+            return ()
+        return (("OMP_NUM_THREADS", str(os.cpu_count() or 1)),)
+
     # -- phases -------------------------------------------------------------------------------------------------------
-    def generate(self):
-        """Rank 0: the next prompts and G samples each from the rollout servers."""
-        from dasd_megatron.data import student_prompt
+    def _sampling(self, max_new_tokens: int, temperature: float, seed_offset: int, top_p=None, top_k=None):
         from sglang_rollout.client import SamplingConfig
 
-        cfg, r = self.cfg, self.cfg.rollout
-        examples = self.prompts.next_batch(cfg.train.prompts_per_step)
-        prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
+        r = self.cfg.rollout
         eos = self.tokenizer.eos_token_id
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.train.max_response_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            stop_token_ids=(eos,) if eos is not None else (),
-            seed=None if r.seed is None else r.seed + self.step,
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=r.top_p if top_p is None else top_p,
+            top_k=r.top_k if top_k is None else top_k, stop_token_ids=(eos,) if eos is not None else (),
+            seed=None if r.seed is None else r.seed + seed_offset,
         )
+
+    def generate(self, examples=None, round_: int = 0):
+        """Rank 0: G samples for each of `examples` (default: the next `prompts_per_step` prompts)."""
+        from dasd_megatron.data import student_prompt
+
+        cfg = self.cfg
+        if examples is None:
+            examples = self.prompts.next_batch(cfg.train.prompts_per_step)
+        prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
+        # seeds differ per step and per dynamic-sampling round (round 0 keeps the seeds of runs without it)
+        sampling = self._sampling(cfg.train.max_response_tokens, cfg.rollout.temperature,
+                                  self.step + 100_003 * round_)
+        batch_id = f"step{self.step}" + (f"r{round_}" if round_ else "")
         groups = self.client.generate(prompt_ids, n=cfg.train.samples_per_prompt, sampling=sampling,
-                                      batch_id=f"step{self.step}")
+                                      batch_id=batch_id)
         return examples, prompt_ids, groups
 
     def reward(self, examples, groups):
@@ -158,15 +202,42 @@ class Trainer:
         results = self.scorer.score(texts, golds)
         return texts, results
 
+    def collect(self):
+        """Rank 0: `prompts_per_step` groups of G scored samples. Without dynamic sampling: one round. With it:
+        rounds of `prompts_per_step` fresh prompts, keeping the groups whose rewards differ, until enough are kept
+        or `dynamic_sampling_max_rounds` is reached (then dropped groups fill the rest, oldest first)."""
+        t = self.cfg.train
+        G = t.samples_per_prompt
+        kept, dropped = [], []
+        rounds, reward_s = 0, 0.0
+        while rounds < (t.dynamic_sampling_max_rounds if t.dynamic_sampling else 1):
+            examples, prompt_ids, groups = self.generate(round_=rounds)
+            tr = time.perf_counter()
+            texts, results = self.reward(examples, groups)
+            reward_s += time.perf_counter() - tr
+            rounds += 1
+            for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups)):
+                item = (ex, pids, group, texts[g * G:(g + 1) * G], results[g * G:(g + 1) * G])
+                varied = len({r.score for r in item[4]}) > 1
+                (kept if varied or not t.dynamic_sampling else dropped).append(item)
+            if len(kept) >= t.prompts_per_step:
+                break
+        filled = max(0, t.prompts_per_step - len(kept))
+        batch = (kept + dropped[:filled])[: t.prompts_per_step]
+        stats = {"timing/reward_s": reward_s}
+        if t.dynamic_sampling:
+            stats = {"rollout/ds_rounds": rounds, "rollout/ds_dropped_groups": len(dropped),
+                     "rollout/ds_filled_groups": min(filled, len(dropped))}
+        return [list(col) for col in zip(*batch)], stats
+
     def build_rollouts(self, examples, prompt_ids, groups, texts, results) -> list[Rollout]:
-        """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer)."""
+        """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer).
+        `texts[g]` / `results[g]` are the G decoded responses / rewards of group g."""
         from dasd_megatron.data import build_prompt_pair
 
-        G = self.cfg.train.samples_per_prompt
         out = []
         for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups)):
-            res = results[g * G:(g + 1) * G]
-            txt = texts[g * G:(g + 1) * G]
+            res, txt = results[g], texts[g]
             sibling = next((t for t, rr in zip(txt, res) if rr.status == "correct"), None)
             pair = build_prompt_pair(self.tokenizer, ex, self.cfg.data.prompt, sibling=sibling)
             for s, rr in zip(group, res):
@@ -204,7 +275,57 @@ class Trainer:
         from dasd_megatron.train.checkpoint import save_training_checkpoint
 
         save_training_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                 {"prompts": self.prompts.state_dict()}, keep_last=self.cfg.train.keep_last_checkpoints)
+                                 {"prompts": self.prompts.state_dict()}, keep_last=self.cfg.train.keep_last_checkpoints,
+                                 teacher=None if self.teacher is None else self.teacher.model)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+    def _load_eval_examples(self):
+        import dataclasses
+
+        from dasd_megatron.data import load_math_dataset
+
+        t = self.cfg.train
+        dcfg = dataclasses.replace(self.cfg.data, source=t.eval_source, split=t.eval_split, limit=t.eval_limit,
+                                   shuffle=False, dedupe=False, name=None)
+        examples = load_math_dataset(dcfg, self.tokenizer).examples
+        if not examples:
+            raise ConfigError(f"train.eval_source={t.eval_source!r}: no usable rows. Fix: check the file and "
+                              "data.schema (evaluation reads it with the training data's schema)")
+        return examples
+
+    def evaluate(self) -> dict:
+        """Rank 0: `eval_samples` answers per evaluation problem from the servers (greedy by default), scored like
+        training rollouts. Metrics under `eval/`."""
+        from dasd_megatron.data import student_prompt
+
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        prompt_ids = [student_prompt(self.tokenizer, ex, self.cfg.data.prompt)[1] for ex in self.eval_examples]
+        greedy = t.eval_temperature == 0
+        sampling = self._sampling(t.max_response_tokens, t.eval_temperature, 7_919 + self.step,
+                                  top_p=1.0 if greedy else None, top_k=-1 if greedy else None)
+        groups = self.client.generate(prompt_ids, n=t.eval_samples, sampling=sampling, batch_id=f"eval{self.step}")
+        texts, results = self.reward(self.eval_examples, groups)
+        n = max(len(results), 1)
+        lens = [len(s.output_ids) for g in groups for s in g]
+        return {
+            "eval/accuracy": sum(r.status == "correct" for r in results) / n,
+            "eval/reward_mean": sum(r.score for r in results) / n,
+            "eval/unparseable_frac": sum(r.status == "unparseable" for r in results) / n,
+            "eval/response_length_mean": sum(lens) / max(len(lens), 1),
+            "eval/num_problems": len(self.eval_examples),
+            "timing/eval_s": time.perf_counter() - t0,
+        }
+
+    def _log_samples(self, examples, texts, results) -> None:
+        """Rank 0: the first group of the step (problem, gold, responses, rewards) appended to samples.jsonl."""
+        if not examples:
+            return
+        rec = {"step": self.step, "problem": examples[0].problem, "answer": examples[0].answer,
+               "responses": [{"text": tx, "reward": r.score, "status": r.status, "extracted": r.extracted}
+                             for tx, r in zip(texts[0], results[0])]}
+        with open(os.path.join(self.cfg.run_dir, "samples.jsonl"), "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -219,23 +340,32 @@ class Trainer:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
             task = progress.add_task("DASD training", total=cfg.train.steps, completed=self.step)
+            if cfg.train.eval_interval and self.step == 0 and self.ctx.is_logging_rank:
+                base = self.evaluate()  # where the policy starts
+                self.logger.log(0, base)
+                progress.console.print(f"step 0 | eval accuracy {base['eval/accuracy']:.1%} on "
+                                       f"{base['eval/num_problems']} problems | {base['timing/eval_s']:.1f}s",
+                                       soft_wrap=True, highlight=False)
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 metrics: dict = {}
                 payload = None
                 if self.ctx.is_logging_rank:
-                    examples, prompt_ids, groups = self.generate()
+                    (examples, prompt_ids, groups, texts, results), ds_stats = self.collect()
                     t1 = time.perf_counter()
-                    texts, results = self.reward(examples, groups)
                     rollouts = self.build_rollouts(examples, prompt_ids, groups, texts, results)
-                    metrics.update(self._rollout_metrics(rollouts, texts, results, epistemic_marker_density))
-                    metrics["timing/rollout_s"] = t1 - t0
-                    metrics["timing/reward_s"] = time.perf_counter() - t1
-                    payload = rollouts
-                rollouts = _broadcast_object(payload)
-                # every rank draws the same prompts, so data positions stay equal on all ranks
+                    flat_texts = [x for g in texts for x in g]
+                    flat_results = [x for g in results for x in g]
+                    metrics.update(self._rollout_metrics(rollouts, flat_texts, flat_results,
+                                                         epistemic_marker_density))
+                    metrics.update(ds_stats)
+                    metrics["timing/rollout_s"] = t1 - t0 - ds_stats["timing/reward_s"]
+                    self._log_samples(examples, texts, results)
+                    payload = (rollouts, self.prompts.state_dict())
+                rollouts, prompt_state = _broadcast_object(payload)
+                # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
                 if not self.ctx.is_logging_rank:
-                    self.prompts.next_batch(cfg.train.prompts_per_step)
+                    self.prompts.load_state_dict(prompt_state)
                 t2 = time.perf_counter()
                 out = self.train_step(rollouts)
                 if self.ctx.pp > 1:  # the loss lives on the last pipeline stage: bring it to rank 0
@@ -251,10 +381,13 @@ class Trainer:
                 if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
                                                       or self.step == cfg.train.steps):
                     self.checkpoint()
+                if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
+                                                or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
+                    metrics.update(self.evaluate())
                 metrics["timing/step_s"] = time.perf_counter() - t0
                 if self.ctx.is_logging_rank:
                     self.logger.log(self.step, metrics)
-                    progress.console.print(self.logger.console_line(self.step, metrics))
+                    progress.console.print(self.logger.console_line(self.step, metrics), soft_wrap=True, highlight=False)
                 history.append(metrics)
                 progress.update(task, advance=1)
         return history

@@ -1,0 +1,70 @@
+"""Teacher weights other than the current policy: `train.teacher=frozen` (the initial policy) or `ema` (an
+exponential moving average of the policy).
+
+METHOD.md's teacher is the policy itself shown privileged context (`train.teacher=current`, no extra memory). The
+other two modes keep a second megatron model of the same architecture and parallel layout, never trained
+(`requires_grad=False`, eval mode, no DDP wrapper, no optimizer state):
+
+- `frozen`: a copy of the policy's weights taken before the first step; the teacher never moves.
+- `ema`: after every optimizer step, `teacher <- decay * teacher + (1 - decay) * policy` (`train.ema_decay`). The
+  average is kept in fp32 (a shadow copy when the parameters are bf16/fp16, whose rounding would swallow the small
+  `(1 - decay)` increments); the teacher's parameters are the shadow cast to their dtype.
+
+Memory: one more copy of the parameters in their dtype (plus the fp32 shadow for `ema` in bf16), no gradients.
+Checkpoints store the teacher as its own distributed checkpoint (`<step>/teacher`), so a resumed run continues with
+the same teacher; in bf16 the fp32 shadow restarts from the stored (bf16) teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dasd_megatron.train.checkpoint import inner_module
+
+
+class TeacherWeights:
+    """The frozen or EMA teacher network (see the module docstring)."""
+
+    def __init__(self, model, mode: str, decay: float):
+        if mode not in ("frozen", "ema"):
+            raise ValueError(f"TeacherWeights: mode={mode!r}; 'current' needs no separate teacher")
+        self.model, self.mode, self.decay = model, mode, float(decay)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._shadow: list[torch.Tensor] | None = None
+
+    def _pairs(self, policy):
+        src = list(inner_module(policy).named_parameters())
+        dst = list(self.model.named_parameters())
+        if [n for n, _ in src] != [n for n, _ in dst]:
+            raise RuntimeError("teacher and policy parameters differ in names or order; they must be built from the "
+                               "same config")
+        for (name, s), (_, t) in zip(src, dst):
+            if s.shape != t.shape:
+                raise RuntimeError(f"teacher parameter {name} has shape {tuple(t.shape)}, the policy's "
+                                   f"{tuple(s.shape)}")
+            yield s, t
+
+    @torch.no_grad()
+    def copy_from(self, policy) -> None:
+        """Teacher := policy (the start of a run)."""
+        for s, t in self._pairs(policy):
+            t.copy_(s)
+        self._shadow = None
+
+    @torch.no_grad()
+    def update(self, policy) -> None:
+        """After an optimizer step: EMA toward the policy (`ema`), nothing (`frozen`)."""
+        if self.mode != "ema":
+            return
+        pairs = list(self._pairs(policy))
+        if self._shadow is None:
+            self._shadow = [t.detach().float().clone() if t.dtype != torch.float32 else t for _, t in pairs]
+        for (s, t), sh in zip(pairs, self._shadow):
+            sh.lerp_(s.float(), 1.0 - self.decay)
+            if sh is not t:
+                t.copy_(sh)
+
+    def parameters(self):
+        return self.model.parameters()
