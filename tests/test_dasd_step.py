@@ -120,8 +120,13 @@ def _worker(rank, world_size, hf_dir, ckpt, layouts, with_reference):
         summary = step._summarise(result["reports"], result["metrics"])
         res["loss"] = summary["loss/dasd"]
         res["num_micro_batches"] = len(packs)
-        res["grads"] = full_named_tensors(ddp, grads=True)
+        res["grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         res["metrics"] = summary
+        # the single pass (what `run` does at PP=1): teacher forward, old log-probs and rollout statistics from the
+        # training pass itself; the same packs, so the same loss and gradients
+        single = step.train(step.pack([rollouts[i] for i in mine], mine), adv, None, single_pass=True)
+        res["sp_loss"] = step._summarise(single["reports"], single["metrics"])["loss/dasd"]
+        res["sp_grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         out[name] = res
         ps.destroy_model_parallel()
     return out
@@ -158,6 +163,8 @@ def test_step_matches_unpacked_float64_reference(single, estimator):
     assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]) + 1e-8, (r["loss"], r["ref_loss"])
     assert any(g.abs().sum() > 0 for g in r["ref_grads"].values())
     _grads_close(r["grads"], r["ref_grads"], estimator)
+    assert abs(r["sp_loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]) + 1e-8, (r["sp_loss"], r["ref_loss"])
+    _grads_close(r["sp_grads"], r["ref_grads"], f"{estimator}, single pass")
     m = r["metrics"]
     assert 0.0 <= m["router/omega_pos_frac"] <= 1.0 and m["loss/num_tokens"] > 0
 
@@ -170,6 +177,8 @@ def test_step_tp2_sp_and_dp2_match_tp1(hf_dir, single):
         r = got[-1][name]
         assert abs(r["loss"] - res["full"]["loss"]) <= 1e-5 * abs(res["full"]["loss"]) + 1e-8, name
         _grads_close(r["grads"], res["full"]["grads"], name)
+        assert abs(r["sp_loss"] - res["full"]["loss"]) <= 1e-5 * abs(res["full"]["loss"]) + 1e-8, name
+        _grads_close(r["sp_grads"], res["full"]["grads"], f"{name}, single pass")
 
 
 def test_unsupported_configs_fail_clearly(hf_dir):

@@ -110,3 +110,46 @@ def test_killed_run_resumes_and_reproduces(assets):
     for x, y in zip(a, b):
         for k in keys:
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-8), (x["step"], k, x[k], y[k])
+
+
+def test_ema_teacher_dynamic_sampling_eval_and_resume(assets):
+    """The optional phases together: an EMA teacher (saved with each checkpoint), dynamic sampling (a random model
+    scores 0 everywhere, so every group is dropped and the batch is refilled after the last round), evaluation
+    before the first step, every 2 steps and at the end, and a killed run that resumes to the same metrics (the
+    KL to the teacher would differ if the EMA teacher were not restored)."""
+    root, model, data = assets
+    extra = ["train.teacher=ema", "train.ema_decay=0.5", "train.dynamic_sampling=true",
+             "train.dynamic_sampling_max_rounds=2", "train.eval_interval=2", f"train.eval_source={data}",
+             "train.eval_limit=3"]
+    full, killed = str(root / "ema_full"), str(root / "ema_killed")
+    r = subprocess.run(_cmd(model, data, full, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = _metrics(full)
+    assert [x["step"] for x in m] == [0, 1, 2, 3]
+    assert [("eval/accuracy" in x) for x in m] == [True, False, True, True]
+    assert all(x["eval/num_problems"] == 3 for x in m if "eval/accuracy" in x)
+    for x in m[1:]:
+        assert x["rollout/ds_rounds"] == 2 and x["rollout/ds_filled_groups"] == 2 and x["rollout/num_samples"] == 4
+        assert math.isfinite(x["loss/kl"])
+    assert os.path.isdir(os.path.join(full, "checkpoints", "step_00000003", "teacher"))
+    with open(os.path.join(full, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples] == [1, 2, 3] and all(len(s["responses"]) == 2 for s in samples)
+
+    p = subprocess.Popen(_cmd(model, data, killed, 3) + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=ENV, start_new_session=True)
+    marker = os.path.join(killed, "checkpoints", "step_00000002")
+    t0 = time.time()
+    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert os.path.exists(marker), "the run never reached its second checkpoint"
+    r = subprocess.run(_cmd(model, data, killed, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    b = _metrics(killed)
+    assert [x["step"] for x in b] == [0, 1, 2, 3]
+    for x, y in zip(m, b):
+        for k in ("loss/dasd", "loss/kl", "grad_norm", "eval/accuracy"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-8), (x["step"], k, x[k], y[k])

@@ -1,6 +1,9 @@
 """One DASD optimisation step on a batch of rollouts, through megatron's schedules.
 
-Phases (one method each):
+Phases (one method each). With pipeline parallelism 1 (the usual case for the models we train) phases 1-2 fold
+into phase 3 (`single_pass`): each micro-batch runs the teacher forward and the student forward-backward, and its
+loss takes the old log-probs and per-rollout statistics from that same pass. That is METHOD.md's cost, one teacher
+forward on top of GRPO's work, instead of a separate scoring pass over both models. With PP > 1:
 
 1. `score`: forward-only passes over the packed student and teacher micro-batches (no grad): per response token the
    student log-prob and entropy, and the teacher's log-prob, at the rollout temperature (vocab-parallel kernels).
@@ -72,6 +75,9 @@ class DASDStep:
                              f"{'not ' if teacher is None else ''}given")
         self.model, self.optimizer, self.cfg, self.arch, self.ctx = model, optimizer, cfg, arch, ctx
         self.teacher = teacher
+        # one pass (teacher forward + student forward-backward per micro-batch) where the loss sits on the only
+        # pipeline stage; with PP > 1 the scoring pass brings the teacher log-probs to the last stage first
+        self.single_pass = ctx.pp == 1
         self.pad_multiple = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
 
     # -- helpers ---------------------------------------------------------------------------------------------------
@@ -134,10 +140,16 @@ class DASDStep:
         ri = torch.cat([p.student.rollout_index[p.student.loss_mask] for p in packs])
         return compute_rollout_stats(H, delta, ri, num_rollouts, self.cfg.loss)
 
-    def train(self, packs: list[ScoredPack], advantages: torch.Tensor, rstats) -> dict:
-        """Phase 3: forward-backward with the DASD loss over every micro-batch. Returns summed reports."""
+    def train(self, packs: list[ScoredPack], advantages: torch.Tensor, rstats, single_pass: bool = False) -> dict:
+        """Phase 3: forward-backward with the DASD loss over every micro-batch. Returns summed reports.
+
+        `single_pass`: phases 1-2 were skipped (`rstats` is None): each micro-batch runs the teacher forward (when
+        the teacher term is on, for either estimator), takes the old log-probs as its own detached log-probs (one
+        optimizer step per batch: the policy has not moved since the rollouts were scored) and computes the
+        per-rollout statistics from its own tokens, exact because every rollout lives whole in one micro-batch."""
         cfg = self.cfg.loss
-        full = cfg.estimator == "full" and cfg.beta != 0.0
+        teacher_on = cfg.beta != 0.0 and not (cfg.router_mode == "constant" and cfg.router_constant == 0.0)
+        full = teacher_on if single_pass else (cfg.estimator == "full" and cfg.beta != 0.0)
         metrics: list[tuple[int, dict]] = []
 
         def forward_step(item, model):
@@ -153,9 +165,9 @@ class DASDStep:
                 t_rows = self._rows(t_logits, p.teacher) if t_logits is not None else None
                 st = self._stats(self._rows(logits, p.student), t_rows, p.student)
                 if t_rows is None:
-                    st = st._replace(teacher_logp=p.teacher_logp)
+                    st = st._replace(teacher_logp=p.teacher_logp if not single_pass else st.logp.detach())
                 loss_sum, m = dasd_loss(
-                    st, p.student.rollout_index[mask], advantages, cfg, old_logp=p.logp,
+                    st, p.student.rollout_index[mask], advantages, cfg, old_logp=None if single_pass else p.logp,
                     rollout_logp=p.student.rollout_logp[mask], rollout_stats=rstats, num_global_tokens=1,
                 )
                 n = int(mask.sum())
@@ -177,9 +189,12 @@ class DASDStep:
             raise ValueError("DASDStep.run: this data-parallel rank received no rollouts (every sample came back empty, "
                              "or the batch is smaller than the DP size). Fix: raise train.prompts_per_step")
         packs = self.pack(rollouts, rollout_ids)
-        self.score(packs)
-        rstats = self.rollout_stats(packs, advantages.shape[0])
-        result = self.train(packs, advantages.to(self.ctx.device), rstats)
+        if self.single_pass:
+            result = self.train(packs, advantages.to(self.ctx.device), None, single_pass=True)
+        else:
+            self.score(packs)
+            rstats = self.rollout_stats(packs, advantages.shape[0])
+            result = self.train(packs, advantages.to(self.ctx.device), rstats)
         result.update(optimizer_step(self.optimizer, lr=self.cfg.optim.lr_at(step)))
         if self.teacher is not None and result.get("update_successful", True):
             self.teacher.update(self.model)

@@ -45,6 +45,25 @@ def _with_local_model(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=path))
 
 
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the records of `path` with step <= `last_step` (a resumed run redoes the later ones)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -120,7 +139,9 @@ class Trainer:
             from dasd_megatron.train.metrics_log import MetricsLogger
 
             self.scorer = RewardScorer(cfg.reward)
-            self.logger = MetricsLogger(cfg.run_dir, enabled=True, resume_step=self.step)
+            # a fresh start (step 0) drops every earlier line, the step-0 evaluation included: it is redone
+            self.logger = MetricsLogger(cfg.run_dir, enabled=True, resume_step=self.step if self.step else -1)
+            _truncate_jsonl(os.path.join(cfg.run_dir, "samples.jsonl"), self.step)
         if meta is not None:
             self.sync_weights()  # servers start from the HF folder; bring them to the checkpoint's weights
         return self
@@ -318,7 +339,8 @@ class Trainer:
         }
 
     def _log_samples(self, examples, texts, results) -> None:
-        """Rank 0: the first group of the step (problem, gold, responses, rewards) appended to samples.jsonl."""
+        """Rank 0: the first group of the step just taken (problem, gold, responses, rewards), appended to
+        samples.jsonl under the step number its metrics carry."""
         if not examples:
             return
         rec = {"step": self.step, "problem": examples[0].problem, "answer": examples[0].answer,
@@ -360,7 +382,7 @@ class Trainer:
                                                          epistemic_marker_density))
                     metrics.update(ds_stats)
                     metrics["timing/rollout_s"] = t1 - t0 - ds_stats["timing/reward_s"]
-                    self._log_samples(examples, texts, results)
+                    sample = (examples, texts, results)
                     payload = (rollouts, self.prompts.state_dict())
                 rollouts, prompt_state = _broadcast_object(payload)
                 # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
@@ -378,16 +400,20 @@ class Trainer:
                 t3 = time.perf_counter()
                 metrics.update(self.sync_weights())
                 metrics["timing/sync_s"] = time.perf_counter() - t3
-                if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
-                                                      or self.step == cfg.train.steps):
-                    self.checkpoint()
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
                                                 or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
                     metrics.update(self.evaluate())
                 metrics["timing/step_s"] = time.perf_counter() - t0
+                # logged before the checkpoint: a run killed in between redoes this step from the previous
+                # checkpoint, and the logger drops the lines after it, so no record is lost or duplicated
                 if self.ctx.is_logging_rank:
                     self.logger.log(self.step, metrics)
-                    progress.console.print(self.logger.console_line(self.step, metrics), soft_wrap=True, highlight=False)
+                    self._log_samples(*sample)
+                    progress.console.print(self.logger.console_line(self.step, metrics), soft_wrap=True,
+                                           highlight=False)
+                if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
+                                                      or self.step == cfg.train.steps):
+                    self.checkpoint()
                 history.append(metrics)
                 progress.update(task, advance=1)
         return history

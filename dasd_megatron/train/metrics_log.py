@@ -140,6 +140,7 @@ _CONSOLE_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("kl", ("loss/kl",), "{:.4f}"),
     ("w>0", ("router/omega_pos_frac",), "pct"),
     ("len", ("rollout/response_length_mean",), "{:.0f}"),
+    ("eval", ("eval/accuracy",), "pct"),
     ("step", ("timing/step_s",), "secs"),
     ("tok/s", ("throughput/tokens_per_s",), "si"),
 )
