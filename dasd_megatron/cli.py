@@ -85,12 +85,40 @@ def cmd_train(args) -> int:
         return _relaunch_under_torchrun(args.nproc)
     from dasd_megatron.train.loop import train
 
+    t0 = time.perf_counter()
     history = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0 and history:
         first, last = history[0], history[-1]
-        print(f"train: {len(history)} steps | reward {first.get('rollout/reward_mean', float('nan')):.3f} -> "
-              f"{last.get('rollout/reward_mean', float('nan')):.3f} | run folder {cfg.run_dir}", flush=True)
+        evals = _eval_points(cfg.run_dir)
+        acc = (f" | eval accuracy {evals[0][1]:.1%} (step {evals[0][0]}) -> {evals[-1][1]:.1%} (step {evals[-1][0]})"
+               if len(evals) >= 2 else "")
+        print(f"train: {len(history)} steps in {time.perf_counter() - t0:.0f} s | reward "
+              f"{first.get('rollout/reward_mean', float('nan')):.3f} -> "
+              f"{last.get('rollout/reward_mean', float('nan')):.3f}{acc} | run folder {cfg.run_dir}", flush=True)
+        try:
+            from dasd_megatron.report import build_report
+
+            print(f"report: {build_report(cfg.run_dir, progress=False).report_md}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the run is done and saved; a plotting problem must not fail it
+            print(f"report: not written ({type(e).__name__}: {e}); run `dasd report {cfg.run_dir}`", flush=True)
     return 0
+
+
+def _eval_points(run_dir: str) -> list[tuple[int, float]]:
+    """(step, eval/accuracy) of every evaluation in the run's metrics.jsonl."""
+    out = []
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec.get("eval/accuracy"), (int, float)):
+                    out.append((int(rec["step"]), float(rec["eval/accuracy"])))
+    except OSError:
+        return []
+    return out
 
 
 def cmd_validate(args) -> int:

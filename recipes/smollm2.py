@@ -9,9 +9,9 @@ Data: `recipes/data/easy_arithmetic.jsonl` (one- and two-digit sums, differences
 which the model is right about half the time, so rewards vary within groups. The model rarely writes `\\boxed{}`,
 so the instruction asks for "just the number" and the reward falls back to the response's last number
 (`reward.last_number_fallback`). Values chosen for about 10 minutes on 2 cores, not from the paper: 8 prompts x 4
-samples, 32-token responses, T=0.7 (rollout and loss), lr 1e-5, 12 steps; greedy evaluation on 64 held-out
-problems (`recipes/data/easy_arithmetic_eval.jsonl`) before the first step, every 6 steps and at the end, and a
-checkpoint every 6 steps.
+samples, 32-token responses, T=0.7 (rollout and loss), lr 1e-5, 14 steps; greedy evaluation on 64 held-out
+problems (`recipes/data/easy_arithmetic_eval.jsonl`) before the first step, every 7 steps and at the end, and a
+checkpoint every 7 steps.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
         precision=PrecisionConfig(params_dtype="float32"),
         loss=loss_for(method, temperature=TEMPERATURE),
         optim=OptimConfig(lr=1e-5),
-        train=TrainConfig(steps=12, prompts_per_step=8, samples_per_prompt=4, max_prompt_tokens=64,
-                          max_response_tokens=32, micro_batch_tokens=1024, checkpoint_interval=6, eval_interval=6,
+        train=TrainConfig(steps=14, prompts_per_step=8, samples_per_prompt=4, max_prompt_tokens=64,
+                          max_response_tokens=32, micro_batch_tokens=1024, checkpoint_interval=7, eval_interval=7,
                           eval_source=EASY_ARITHMETIC_EVAL, eval_limit=64),
         data=DataConfig(source=EASY_ARITHMETIC, schema="gsm8k",
                         prompt=PromptConfig(instruction="Reply with just the number.")),
