@@ -21,13 +21,13 @@ from pathlib import Path
 
 from dasd_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
 from dasd_megatron.data.config import DataConfig, PromptConfig
-from dasd_megatron.launch.placement import RolloutPlacement, TrainerResources
 from dasd_megatron.launch.spec import Recipe
 from dasd_megatron.model.pretrained import SMOLLM2_135M_INSTRUCT
 from dasd_megatron.reward import RewardConfig
 from dasd_megatron.train.config import OptimConfig, RolloutConfig, TrainConfig
 from recipes.methods import METHODS, loss_for
 from recipes.registry import register
+from recipes.tiny import cpu_recipe
 
 EASY_ARITHMETIC = str(Path(__file__).resolve().parent / "data" / "easy_arithmetic.jsonl")
 EASY_ARITHMETIC_EVAL = str(Path(__file__).resolve().parent / "data" / "easy_arithmetic_eval.jsonl")
@@ -52,13 +52,7 @@ def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
         rollout=RolloutConfig(temperature=TEMPERATURE),
         run_dir=f"runs/{name}",
     )
-    return Recipe(
-        name=name,
-        config=config,
-        trainer=TrainerResources(nodes=1, procs_per_node=2, accelerator="cpu"),
-        placement=RolloutPlacement(mode="builtin", servers_per_node=1),
-        description=smollm2_135m_cpu.__doc__.strip().splitlines()[0].replace("`method`", method),
-    )
+    return cpu_recipe(name, config, smollm2_135m_cpu.__doc__, method)
 
 
 for _method in METHODS:

@@ -32,12 +32,18 @@ def tiny_qwen3_cpu(method: str = "dasd") -> Recipe:
                           max_response_tokens=32, micro_batch_tokens=64, checkpoint_interval=0),
         run_dir=f"runs/{name}",
     )
+    return cpu_recipe(name, config, tiny_qwen3_cpu.__doc__, method)
+
+
+def cpu_recipe(name: str, config: RunConfig, doc: str, method: str) -> Recipe:
+    """A recipe on one CPU node: two trainer processes and the built-in rollout server; the description is the
+    first line of the recipe function's docstring with `method` filled in."""
     return Recipe(
         name=name,
         config=config,
         trainer=TrainerResources(nodes=1, procs_per_node=2, accelerator="cpu"),
         placement=RolloutPlacement(mode="builtin", servers_per_node=1),
-        description=tiny_qwen3_cpu.__doc__.strip().splitlines()[0].replace("`method`", method),
+        description=doc.strip().splitlines()[0].replace("`method`", method),
     )
 
 

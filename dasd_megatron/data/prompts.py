@@ -125,7 +125,8 @@ def student_prompt_lengths(tokenizer: Any, examples: Sequence[MathExample], cfg:
     """Token counts of the student prompts of `examples`."""
     out: list[int] = []
     for start in range(0, len(examples), chunk):
-        texts = [render(tokenizer, student_message(ex.problem, cfg.instruction), cfg) for ex in examples[start:start + chunk]]
+        texts = [render(tokenizer, student_message(ex.problem, cfg.instruction), cfg)
+                 for ex in examples[start:start + chunk]]
         out.extend(len(ids) for ids in encode_batch(tokenizer, texts, cfg))
     return out
 
