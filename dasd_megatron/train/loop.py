@@ -361,6 +361,12 @@ class Trainer:
         console = Console(stderr=True, quiet=not self.ctx.is_logging_rank)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+            from dasd_megatron.model.builder import layout_summary
+
+            console.print(f"layout {layout_summary(cfg, self.arch, self.ctx.world_size)} | model {cfg.model.hf_config}"
+                          f" | data {len(self.data.examples)} problems"
+                          + (f" | resuming after step {self.step}" if self.step else ""),
+                          soft_wrap=True, highlight=False)
             task = progress.add_task("DASD training", total=cfg.train.steps, completed=self.step)
             if cfg.train.eval_interval and self.step == 0 and self.ctx.is_logging_rank:
                 base = self.evaluate()  # where the policy starts
