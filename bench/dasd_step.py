@@ -1,6 +1,7 @@
-"""One DASD training step (packing, scoring pass, routed loss through megatron's schedule, optimizer) on synthetic
-rollouts: seconds per step and trained tokens/s, for the `full` and `sampled` estimators in the same run (the
-`sampled` one needs no teacher forward in the training pass, so the ratio shows what the full-vocabulary KL costs).
+"""One DASD training step (packing, teacher forward, routed loss through megatron's schedule, optimizer) on synthetic
+rollouts: seconds per step and trained tokens/s, for the `full` and `sampled` estimators, each as the single pass
+`run` does at PP=1 and as the two-pass baseline (a scoring pass over student and teacher first, as at PP>1), all in
+the same run; the ratios show what the single pass saves and what the full-vocabulary KL costs.
 
     python bench/dasd_step.py                      # GPU: Qwen3-0.6B shape, 64 rollouts of 256 + 768 tokens
     python bench/dasd_step.py --tiny               # CPU smoke
@@ -73,29 +74,39 @@ def main(argv=None) -> dict:
     ctx = initialize_parallel(base.parallel)
     results = {}
     for est in ("full", "sampled"):
-        cfg = apply_overrides(base, [f"loss.estimator={est}"])
-        ddp = wrap_ddp(build_model(cfg, arch))
-        step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
-        times = []
-        for _ in range(args.steps + 1):
+        for single in (True, False):
+            name = f"{est}/{'single_pass' if single else 'two_pass'}"
+            cfg = apply_overrides(base, [f"loss.estimator={est}"])
+            ddp = wrap_ddp(build_model(cfg, arch))
+            step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
+            step.single_pass = single
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = step.run(rollouts, list(range(len(rollouts))), adv)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        dt = sum(times[1:]) / len(times[1:])  # first step compiles / warms up
-        n_tok = sum(len(r.response_ids) for r in rollouts)
-        results[est] = {"step_s": dt, "response_tokens_per_s": n_tok / dt, "loss": out["loss/dasd"],
-                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0}
-        print(f"{est:>8}: {dt:.3f} s/step, {n_tok / dt:,.0f} response tokens/s, loss {out['loss/dasd']:.5f}",
-              flush=True)
-        del ddp, step
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.steps + 1):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = step.run(rollouts, list(range(len(rollouts))), adv)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            dt = sum(times[1:]) / len(times[1:])  # first step compiles / warms up
+            n_tok = sum(len(r.response_ids) for r in rollouts)
+            results[name] = {"step_s": dt, "response_tokens_per_s": n_tok / dt, "loss": out["loss/dasd"],
+                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                             else 0}
+            print(f"{name:>20}: {dt:.3f} s/step, {n_tok / dt:,.0f} response tokens/s, loss {out['loss/dasd']:.5f}",
+                  flush=True)
+            del ddp, step
     destroy_parallel()
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "rollouts": args.rollouts, "results": results,
-               "full_vs_sampled_time_ratio": results["full"]["step_s"] / results["sampled"]["step_s"]}
+               "single_pass_speedup_full": results["full/two_pass"]["step_s"] / results["full/single_pass"]["step_s"],
+               "single_pass_speedup_sampled": (results["sampled/two_pass"]["step_s"]
+                                               / results["sampled/single_pass"]["step_s"]),
+               "full_vs_sampled_time_ratio": (results["full/single_pass"]["step_s"]
+                                              / results["sampled/single_pass"]["step_s"])}
     print("RESULT " + json.dumps(summary), flush=True)
     return summary
 

@@ -8,10 +8,12 @@ TP 1 or 3, not 2), fp32, SDPA attention, the built-in rollout server. The model 
 Data: `recipes/data/easy_arithmetic.jsonl` (one- and two-digit sums, differences and products; GSM8K layout), on
 which the model is right about half the time, so rewards vary within groups. The model rarely writes `\\boxed{}`,
 so the instruction asks for "just the number" and the reward falls back to the response's last number
-(`reward.last_number_fallback`). Values chosen for about 10 minutes on 2 cores, not from the paper: 8 prompts x 4
-samples, 32-token responses, T=0.7 (rollout and loss), lr 1e-5, 14 steps; greedy evaluation on 64 held-out
-problems (`recipes/data/easy_arithmetic_eval.jsonl`) before the first step, every 7 steps and at the end, and a
-checkpoint every 7 steps.
+(`reward.last_number_fallback`). Values chosen for a few minutes on 2 cores, not from the paper: 8 prompts x 4
+samples, 32-token responses, T=0.7 (rollout and loss), lr 1e-5, 8 steps; greedy evaluation on 128 held-out
+problems (`recipes/data/easy_arithmetic_eval.jsonl`) before the first step, every 4 steps and at the end, and a
+checkpoint every 4 steps. Measured (256 held-out problems, greedy): 46.1% before training, 59.8% after 7 steps;
+trained on to 14 steps the policy collapses onto its addition template (entropy 0.99 -> 0.37 nats, "64 - 4" answered
+as a sum) and falls back to 48.0%; at lr 5e-6 it had only reached 47.3% by step 7. Hence 8 steps at 1e-5.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ TEMPERATURE = 0.7
 
 
 def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
-    """SmolLM2-135M-Instruct trained with `method` on easy arithmetic, 2 CPU processes, about 10 minutes."""
+    """SmolLM2-135M-Instruct trained with `method` on easy arithmetic, 2 CPU processes, about 7 minutes."""
     name = f"smollm2_135m_{method}_cpu"
     config = RunConfig(
         model=ModelConfig(hf_config=SMOLLM2_135M_INSTRUCT, seq_length=1024, attention_backend="sdpa"),
@@ -43,9 +45,9 @@ def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
         precision=PrecisionConfig(params_dtype="float32"),
         loss=loss_for(method, temperature=TEMPERATURE),
         optim=OptimConfig(lr=1e-5),
-        train=TrainConfig(steps=14, prompts_per_step=8, samples_per_prompt=4, max_prompt_tokens=64,
-                          max_response_tokens=32, micro_batch_tokens=1024, checkpoint_interval=7, eval_interval=7,
-                          eval_source=EASY_ARITHMETIC_EVAL, eval_limit=64),
+        train=TrainConfig(steps=8, prompts_per_step=8, samples_per_prompt=4, max_prompt_tokens=64,
+                          max_response_tokens=32, micro_batch_tokens=1024, checkpoint_interval=4, eval_interval=4,
+                          eval_source=EASY_ARITHMETIC_EVAL, eval_limit=128),
         data=DataConfig(source=EASY_ARITHMETIC, schema="gsm8k",
                         prompt=PromptConfig(instruction="Reply with just the number.")),
         reward=RewardConfig(num_workers=2, last_number_fallback=True),

@@ -16,7 +16,7 @@ _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _Q = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
 
 
-@pytest.mark.parametrize("path, n, seed", [(EASY_ARITHMETIC, 2000, 0), (EASY_ARITHMETIC_EVAL, 64, 1)])
+@pytest.mark.parametrize("path, n, seed", [(EASY_ARITHMETIC, 2000, 0), (EASY_ARITHMETIC_EVAL, 128, 1)])
 def test_shipped_files_are_the_generator_output(path, n, seed):
     with open(path) as f:
         shipped = [json.loads(line) for line in f]

@@ -10,7 +10,7 @@
 Each row is `{"question": "What is 23 + 7?", "answer": "23 + 7 = 30\\n#### 30"}`: the GSM8K layout, so the loader's
 `gsm8k` schema takes the answer after `####` and the worked line before it as the teacher's reference solution.
 The shipped files are `python -m dasd_megatron.data.synthetic recipes/data/easy_arithmetic.jsonl` (2000 rows,
-seed 0: training) and `... recipes/data/easy_arithmetic_eval.jsonl --n 64 --seed 1` (evaluation: the same
+seed 0: training) and `... recipes/data/easy_arithmetic_eval.jsonl --n 128 --seed 1` (evaluation: the same
 distribution, drawn apart; with so few one-digit problems some also occur in training); a test checks that they
 stay equal to the generator's output.
 """
