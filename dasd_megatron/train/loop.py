@@ -247,8 +247,8 @@ class Trainer:
         batch = (kept + dropped[:filled])[: t.prompts_per_step]
         stats = {"timing/reward_s": reward_s}
         if t.dynamic_sampling:
-            stats = {"rollout/ds_rounds": rounds, "rollout/ds_dropped_groups": len(dropped),
-                     "rollout/ds_filled_groups": min(filled, len(dropped))}
+            stats.update({"rollout/ds_rounds": rounds, "rollout/ds_dropped_groups": len(dropped),
+                          "rollout/ds_filled_groups": min(filled, len(dropped))})
         return [list(col) for col in zip(*batch)], stats
 
     def build_rollouts(self, examples, prompt_ids, groups, texts, results) -> list[Rollout]:
