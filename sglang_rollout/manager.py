@@ -32,6 +32,9 @@ from sglang_rollout.server_client import ServerClient
 
 log = logging.getLogger(__name__)
 
+PARENT_PID_ENV = "DASD_PARENT_PID"
+"""Set for every launched server: the launcher's pid. The built-in server exits when that process is gone."""
+
 __all__ = ["ServerConfig", "ManagerConfig", "ServerManager", "ServerStartError", "server_command"]
 
 BACKENDS = ("builtin", "sglang")
@@ -224,6 +227,9 @@ class ServerManager:
                              weight_version=self.current_version)
         env = dict(os.environ)
         env.update(dict(p.cfg.env))
+        # servers run in their own session (a signal to the trainer's group does not reach them); the built-in
+        # server watches this pid and exits when the process that launched it is gone (killed trainer, no orphans)
+        env[PARENT_PID_ENV] = str(os.getpid())
         if p.cfg.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.cfg.gpu_ids))
         if p.cfg.log_file:

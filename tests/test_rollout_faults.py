@@ -239,3 +239,32 @@ def test_connection_refused_exhausts_retries_with_the_cause():
     client = RolloutClient([f"http://127.0.0.1:{port}"], ClientConfig(max_retries=2, backoff_base_s=0.01))
     with pytest.raises(RolloutError, match=r"after 3 attempts.*ConnectionRefusedError"):
         client.generate([[1]], n=1, sampling=SamplingConfig(max_new_tokens=1))
+
+
+def test_server_exits_when_its_launcher_is_killed(model_dir, tmp_path):
+    """A trainer killed hard (SIGKILL) must not leave its built-in server running: the server watches the pid the
+    manager gives it (DASD_PARENT_PID) and shuts down."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    script = (f"import time\nfrom sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager\n"
+              f"m = ServerManager(ManagerConfig(servers=(ServerConfig(model_path={model_dir!r}, port={port}),),"
+              f" startup_timeout_s=120)).start()\nprint(m.pid(0), flush=True)\ntime.sleep(600)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(launcher.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    launcher.kill()
+    launcher.wait(timeout=30)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 30:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{server_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break  # exited; only not reaped (its parent is gone, init reaps it)
+        time.sleep(0.2)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the built-in server outlived its killed launcher by 30 s")

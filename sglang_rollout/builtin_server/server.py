@@ -204,6 +204,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     server.start()
     print(f"built-in rollout server listening on {server.url}", flush=True)
+    parent = int(os.environ.get("DASD_PARENT_PID", "0") or 0)  # sglang_rollout.manager.PARENT_PID_ENV
     while not stop.wait(0.5):  # poll: a signal delivered to another thread only runs when the main thread wakes
-        pass
+        if parent and not _alive(parent):
+            logging.getLogger(__name__).warning("launcher pid %d is gone: shutting down", parent)
+            break
     server.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed launcher whose parent has not reaped it yet)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
