@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Benchmark the fused vocab-parallel token statistics against a naive full-vocabulary implementation.
+"""Benchmark the fused vocab-parallel token statistics (torch and Triton kernels) against a naive implementation.
 
 Both paths compute, for the same inputs, the per-token student log-prob, entropy, teacher log-prob, KL(S||T) and
 KL(T||S) at a temperature, and backpropagate `sum_t (a_t logp_t + b_t H_t + c_t KL_t + d_t FKL_t)` (random per-token
 weights) to the student logits: exactly what the DASD 'full' estimator needs. The naive path is plain eager torch
 that materialises fp32 log-softmaxes and softmaxes of the whole `[T, V]` (autograd saves them for backward); the
-fused path is `vocab_parallel_token_stats` (TP = 1 here: the per-shard work is the same under TP).
+fused path is `vocab_parallel_token_stats` with `kernel_backend="torch"` (chunked torch kernels, `--compile` to
+torch.compile them); the triton path is the same call with `kernel_backend="triton"` (one streaming pass over the
+logits per direction), measured only on CUDA (on CPU Triton runs only in its slow interpreter). TP = 1 here: the
+per-shard work is the same under TP.
+
+Memory-bandwidth floor: an ideal forward + backward reads the student and teacher logits once in the forward, once
+more in the backward, and writes the logits gradient once: 5 T V e bytes (e bytes per logit), divided by the
+device's peak memory bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s, ... from the device name; `--bandwidth-tbs`
+overrides, and gives a floor on CPU too). Each variant's time is printed as a multiple of it.
 
 Each implementation runs in its own subprocess so its peak memory is measured cleanly:
   * CUDA: `torch.cuda.max_memory_allocated()` minus the memory allocated before the run (inputs), so "extra peak"
@@ -22,7 +30,7 @@ linearly in T, flagged `naive_extrapolated` in the output.
 The last line printed is one JSON object with all numbers (for scripts).
 
     python bench/loss.py                                   # CPU-sized default: T=2048, V=32000, bf16
-    python bench/loss.py --device cuda --tokens 16384 --vocab 151936 --dtype bf16 --compile
+    python bench/loss.py --device cuda --tokens 16384 --vocab 151936 --dtype bf16 --compile   # + triton
 """
 
 from __future__ import annotations
@@ -34,12 +42,16 @@ import resource
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Peak memory bandwidth (TB/s) by a substring of torch.cuda.get_device_name, first match wins (GH200 before H200,
+# the PCIe/NVL H100s before the SXM one). Other devices: pass --bandwidth-tbs.
+PEAK_TBS = (("GH200", 4.0), ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35))
 
 
 def parse_args(argv=None):
@@ -53,11 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the fused per-chunk math (CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs (the minimum is reported)")
-    p.add_argument("--impl", choices=["both", "fused", "naive"], default="both")
+    p.add_argument("--impl", choices=["all", "fused", "triton", "naive"], default="all",
+                   help="all: fused, naive, and triton where the device is CUDA")
+    p.add_argument("--bandwidth-tbs", type=float, default=None,
+                   help="peak memory bandwidth in TB/s for the floor (default: from the CUDA device name)")
     p.add_argument("--check-tokens", type=int, default=256,
                    help="compare fused vs naive gradients elementwise on this many tokens (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=["fused", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["fused", "triton", "naive"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -81,14 +96,18 @@ def make_inputs(T, V, dtype, device, seed):
     return s.requires_grad_(True), t, y, w
 
 
-def fused_step(s, t, y, w, args):
+def fused_step(s, t, y, w, args, backend="torch"):
     from dasd_megatron.loss import vocab_parallel_token_stats  # imported before timing by run_worker
 
     o = vocab_parallel_token_stats(s, t, y, temperature=args.temperature, chunk_size=args.chunk_size,
-                                   compile=args.compile)
+                                   compile=args.compile, kernel_backend=backend)
     loss = (w[0] * o.logp + w[1] * o.entropy + w[2] * o.kl + w[3] * o.forward_kl).sum()
     loss.backward()
     return loss.detach()
+
+
+def triton_step(s, t, y, w, args):
+    return fused_step(s, t, y, w, args, backend="triton")
 
 
 def naive_step(s, t, y, w, args):
@@ -129,7 +148,7 @@ def run_worker(args) -> dict:
     dtype = getattr(torch, DTYPES[args.dtype])
     cuda = args.device.startswith("cuda")
     dev = torch.device(args.device)
-    step = fused_step if args.worker == "fused" else naive_step
+    step = {"fused": fused_step, "triton": triton_step, "naive": naive_step}[args.worker]
     s, t, y, w = make_inputs(args.tokens, args.vocab, dtype, dev, args.seed)
     warmup = 1 if args.warmup is None else args.warmup
     out = {"impl": args.worker, "tokens": args.tokens}
@@ -166,7 +185,7 @@ def run_worker(args) -> dict:
         out.update(time_s=min(times), times_s=times, peak_extra_bytes=int(peak),
                    grad_bytes=s.grad.numel() * s.grad.element_size(), loss=float(loss),
                    grad_l2=float(grad.norm()), memory_method="cuda.max_memory_allocated" if cuda else "rss_high_water")
-        if args.worker == "fused" and args.check_tokens > 0:
+        if args.worker != "naive" and args.check_tokens > 0:
             n = min(args.check_tokens, args.tokens)
             ss = s.detach()[:n].clone().requires_grad_(True)
             naive_step(ss, t[:n], y[:n], w[:, :n], args)
@@ -204,24 +223,55 @@ def _gib(b):
     return b / 2**30
 
 
+def _peak_bandwidth_tbs(args, device_name):
+    """Peak memory bandwidth in TB/s: --bandwidth-tbs, else from the CUDA device name (None when unknown)."""
+    if args.bandwidth_tbs is not None:
+        return args.bandwidth_tbs
+    for key, tbs in PEAK_TBS:
+        if device_name and key in device_name:
+            return tbs
+    return None
+
+
+def _fused_summary(res, name, run, naive):
+    """Ratios of one fused variant against the naive baseline, into `res` (keys prefixed by `name`)."""
+    res.update({f"{name}_{k}": v for k, v in run.items() if k not in ("impl", "tokens")})
+    if naive is None:
+        return
+    pre = "" if name == "fused" else f"{name}_"  # the torch variant keeps the original key names
+    res[f"{pre}speedup"] = res["naive_time_s"] / run["time_s"]
+    res[f"{pre}memory_ratio"] = res["naive_peak_extra_bytes"] / max(run["peak_extra_bytes"], 1)
+    res[f"{name}_peak_extra_beyond_grad_bytes"] = run["peak_extra_bytes"] - run["grad_bytes"]
+    if "naive_loss" in res:
+        res[f"{pre}loss_rel_diff"] = abs(run["loss"] - res["naive_loss"]) / max(abs(res["naive_loss"]), 1e-30)
+        res[f"{pre}grad_l2_rel_diff"] = abs(run["grad_l2"] - res["naive_grad_l2"]) / max(res["naive_grad_l2"], 1e-30)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)), flush=True)
         return None
+    cuda = args.device.startswith("cuda")
     res = {"tokens": args.tokens, "vocab": args.vocab, "dtype": args.dtype, "device": args.device,
            "chunk_size": args.chunk_size, "compile": args.compile, "temperature": args.temperature}
-    if args.device.startswith("cuda"):
+    if cuda:
         import torch
 
         res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
-    fused = naive = None
-    if args.impl in ("both", "fused"):
+    if args.impl == "triton" and not cuda:
+        raise SystemExit("--impl triton needs --device cuda (on CPU Triton only runs in its interpreter)")
+    with_triton = cuda and args.impl in ("all", "triton") and find_spec("triton") is not None
+    fused = naive = tri = None
+    if args.impl in ("all", "fused"):
         fused = _spawn(args, "fused", args.tokens)
         if fused.get("oom"):
             raise SystemExit("the fused path ran out of memory")
-        res.update({f"fused_{k}": v for k, v in fused.items() if k not in ("impl", "tokens")})
-    if args.impl in ("both", "naive"):
+    if with_triton:
+        tri = _spawn(args, "triton", args.tokens)
+        if tri.get("oom"):
+            raise SystemExit("the triton path ran out of memory")
+    if args.impl in ("all", "naive"):
         tokens, naive = args.tokens, _spawn(args, "naive", args.tokens)
         while naive.get("oom") and tokens > 1:
             tokens //= 2
@@ -234,32 +284,53 @@ def main(argv=None):
         if tokens == args.tokens:
             res["naive_loss"] = naive["loss"]
             res["naive_grad_l2"] = naive["grad_l2"]
-    if fused and naive:
-        res["speedup"] = res["naive_time_s"] / fused["time_s"]
-        res["memory_ratio"] = res["naive_peak_extra_bytes"] / max(fused["peak_extra_bytes"], 1)
-        res["fused_peak_extra_beyond_grad_bytes"] = fused["peak_extra_bytes"] - fused["grad_bytes"]
-        if "naive_loss" in res:
-            res["loss_rel_diff"] = abs(fused["loss"] - res["naive_loss"]) / max(abs(res["naive_loss"]), 1e-30)
-            res["grad_l2_rel_diff"] = abs(fused["grad_l2"] - res["naive_grad_l2"]) / max(res["naive_grad_l2"], 1e-30)
+    variants = [(name, run) for name, run in (("fused", fused), ("triton", tri)) if run]
+    for name, run in variants:
+        _fused_summary(res, name, run, naive)
+    if fused and tri:
+        res["triton_vs_fused_speedup"] = fused["time_s"] / tri["time_s"]
 
-    mem = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "RSS high-water mark (not tracemalloc)"
+    # the floor: read student + teacher in the forward, again in the backward, write the gradient once
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    res["floor_bytes"] = 5 * args.tokens * args.vocab * elt
+    tbs = _peak_bandwidth_tbs(args, res.get("device_name"))
+    if tbs:
+        res["bandwidth_tbs"] = tbs
+        res["floor_time_s"] = res["floor_bytes"] / (tbs * 1e12)
+        times = [(name, run["time_s"]) for name, run in variants] + ([("naive", res["naive_time_s"])] if naive else [])
+        for name, t in times:
+            res[f"{name}_over_floor"] = t / res["floor_time_s"]
+
+    mem = "CUDA max_memory_allocated" if cuda else "RSS high-water mark (not tracemalloc)"
     print(f"T={args.tokens} V={args.vocab} dtype={args.dtype} device={res.get('device_name', args.device)} "
           f"chunk={args.chunk_size or 'auto'} compile={args.compile}; memory: {mem}")
-    if fused:
-        print(f"  fused: {fused['time_s'] * 1e3:9.1f} ms   extra peak {_gib(fused['peak_extra_bytes']):7.3f} GiB "
-              f"(of which logits grad {_gib(fused['grad_bytes']):.3f} GiB)")
-        if "check_grad_max_err_rel" in fused:
-            print(f"         grad vs naive on {min(args.check_tokens, args.tokens)} tokens: max err "
-                  f"{fused['check_grad_max_err_rel']:.2e} (relative to max |grad|)")
+    if tbs:
+        print(f"  floor: {res['floor_time_s'] * 1e3:9.1f} ms   ({_gib(res['floor_bytes']):.2f} GiB moved at "
+              f"{tbs:g} TB/s: logits read twice, gradient written once)")
+
+    def vs_floor(name):
+        return f"   {res[f'{name}_over_floor']:6.2f}x the floor" if tbs else ""
+
+    for name, run in variants:
+        print(f"  {name:>6}: {run['time_s'] * 1e3:9.1f} ms   extra peak {_gib(run['peak_extra_bytes']):7.3f} "
+              f"GiB (of which logits grad {_gib(run['grad_bytes']):.3f} GiB){vs_floor(name)}")
+        if "check_grad_max_err_rel" in run:
+            print(f"          grad vs naive on {min(args.check_tokens, args.tokens)} tokens: max err "
+                  f"{run['check_grad_max_err_rel']:.2e} (relative to max |grad|)")
     if naive:
         ex = ""
         if res["naive_extrapolated"]:
             ex = f" (extrapolated from T={res['naive_tokens_run']}: naive OOM at full size)"
-        print(f"  naive: {res['naive_time_s'] * 1e3:9.1f} ms   extra peak "
-              f"{_gib(res['naive_peak_extra_bytes']):7.3f} GiB{ex}")
-    if fused and naive:
-        print(f"  ratio: fused is {res['speedup']:.2f}x faster, uses {res['memory_ratio']:.2f}x less extra peak memory"
-              + (f"; loss rel diff {res['loss_rel_diff']:.1e}" if "loss_rel_diff" in res else ""))
+        print(f"   naive: {res['naive_time_s'] * 1e3:9.1f} ms   extra peak "
+              f"{_gib(res['naive_peak_extra_bytes']):7.3f} GiB{ex}{vs_floor('naive')}")
+    for name, run in variants:
+        if naive:
+            pre = "" if name == "fused" else f"{name}_"
+            print(f"  ratio: {name} is {res[pre + 'speedup']:.2f}x faster, uses {res[pre + 'memory_ratio']:.2f}x less "
+                  "extra peak memory"
+                  + (f"; loss rel diff {res[pre + 'loss_rel_diff']:.1e}" if pre + "loss_rel_diff" in res else ""))
+    if fused and tri:
+        print(f"  ratio: triton is {res['triton_vs_fused_speedup']:.2f}x faster than fused")
     print(json.dumps(res), flush=True)
     return res
 

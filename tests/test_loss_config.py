@@ -20,7 +20,8 @@ def test_defaults_follow_method():
 
 def test_kernel_kwargs():
     c = DASDLossConfig(temperature=0.6, chunk_size=64, compile_kernels=True)
-    assert c.kernel_kwargs == {"temperature": 0.6, "chunk_size": 64, "check_finite": True, "compile": True}
+    assert c.kernel_kwargs == {"temperature": 0.6, "chunk_size": 64, "check_finite": True, "compile": True,
+                               "kernel_backend": "auto"}
 
 
 def test_frozen():

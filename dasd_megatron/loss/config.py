@@ -21,11 +21,14 @@ and are fields precisely so runs can change them:
 | advantage_std_normalize | True: A_G = (r - mean_g) / (std_g + advantage_eps), Bessel-corrected std | paper |
 | temperature | 1.0: must equal the rollout engine's sampling temperature | - |
 | chunk_size | None: tokens per kernel chunk from `default_chunk_size` | - |
-| compile_kernels | None (auto: on with CUDA, off on CPU): torch.compile the kernels' per-chunk math, see below | - |
+| kernel_backend | 'auto' (= 'torch' until the Triton kernels are checked on a GPU), 'torch', 'triton' | - |
+| compile_kernels | None (auto: on with CUDA, off on CPU): torch.compile the torch backend's chunk math, see below | - |
 | check_finite | True: raise on NaN/inf logits (one host sync per kernel call) | - |
 
 compile_kernels: on an H200 (T=16384, V=151936, bf16, forward + backward) the eager chunked kernels took 314 ms,
 slower than a naive fp32 implementation (194 ms); compiled they took 43 ms. Eager is the CPU and reference path.
+kernel_backend: 'triton' (`triton_kernels.py`) reads the logits once per direction and needs two collectives per
+call (compile_kernels has no effect on it). It is opt-in until it has run and been timed on a GPU.
 
 `cfg.kernel_kwargs` holds the keyword arguments of `vocab_parallel_token_stats` that come from this config.
 
@@ -42,6 +45,8 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from dasd_megatron.config import ConfigError
+
+from .vocab_parallel import KERNEL_BACKENDS
 
 _SECTION = "loss"
 
@@ -84,6 +89,7 @@ class DASDLossConfig:
     advantage_eps: float = 1e-6
     temperature: float = 1.0
     chunk_size: Optional[int] = None
+    kernel_backend: str = "auto"
     compile_kernels: Optional[bool] = None
     check_finite: bool = True
 
@@ -135,15 +141,20 @@ class DASDLossConfig:
         ):
             _fail("chunk_size", self.chunk_size, "must be a positive int (tokens per chunk) or None (automatic)",
                   "use None or e.g. 1024")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            _fail("kernel_backend", self.kernel_backend, "must be 'auto' (the torch kernels for now), 'torch' or "
+                  "'triton'", f"use {_SECTION}.kernel_backend=auto")
         if not self.reward_term and self.beta == 0.0:
             _fail("beta", self.beta, "must be > 0 when reward_term is False (the loss would be identically 0)",
                   f"set {_SECTION}.beta>0 or {_SECTION}.reward_term=true")
 
     @property
     def kernel_kwargs(self) -> dict:
-        """Keyword arguments for `vocab_parallel_token_stats`: temperature, chunk_size, check_finite, compile."""
+        """Keyword arguments for `vocab_parallel_token_stats`: temperature, chunk_size, check_finite, compile,
+        kernel_backend."""
         return {"temperature": self.temperature, "chunk_size": self.chunk_size, "check_finite": self.check_finite,
-                "compile": _cuda_available() if self.compile_kernels is None else self.compile_kernels}
+                "compile": _cuda_available() if self.compile_kernels is None else self.compile_kernels,
+                "kernel_backend": self.kernel_backend}
 
     @property
     def quantile_level(self) -> float:

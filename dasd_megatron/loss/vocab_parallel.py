@@ -45,16 +45,26 @@ one kernel and no fp32 chunk temporaries exist); the eager path is the reference
 an H200 (bench/loss.py, T=16384, V=151936, bf16, forward+backward of logp, H, KL, FKL): naive fp32 194 ms and
 74 GiB extra; eager chunked 314 ms; compiled 43 ms and 0.75 GiB extra beyond the bf16 logits gradient. Use the
 compiled path on CUDA; the eager path is for CPUs and for checking.
+
+`kernel_backend` picks the implementation: 'torch' is this module (the reference); 'triton' is
+`triton_kernels.py`, the same outputs from one streaming pass over the logits in each direction with two
+collectives per call (CUDA, or CPU under TRITON_INTERPRET=1); 'auto' (the default) is the torch path for now: the
+Triton kernels are tested on CPU in Triton's interpreter and compiled for sm_90, but have not yet run on a GPU, so
+they are opt-in (`loss.kernel_backend=triton`) until a GPU check and benchmark make them the CUDA default. float64 inputs always take the torch path.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["TokenStats", "NonFiniteLogitsError", "vocab_parallel_token_stats", "default_chunk_size"]
+__all__ = ["KERNEL_BACKENDS", "TokenStats", "NonFiniteLogitsError", "vocab_parallel_token_stats",
+           "default_chunk_size"]
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 # Values in one fp32 chunk temporary for the automatic chunk size. CUDA: 2**24 (64 MiB; the caching allocator reuses
 # the blocks). CPU: 2**20 (4 MiB): larger blocks are mmap'd and page-faulted afresh by glibc on every allocation,
@@ -182,6 +192,70 @@ def _count_nonfinite(x: torch.Tensor, width: int, temp: float, cdtype, chunk: in
     return n
 
 
+def _raise_if_nonfinite(outs, has_teacher, targets, vocab_size, student, teacher, width, temp, cdtype, chunk, group):
+    """The forward's output check (one host sync): raise ValueError on targets >= vocab_size, and
+    `NonFiniteLogitsError` with the counts of bad logits over the TP group when an output is not finite."""
+    T = student.shape[0]
+    dev = student.device
+    flags = torch.stack(
+        [
+            (~torch.isfinite(outs[:2])).sum(),
+            (~torch.isfinite(outs[2:])).sum() if has_teacher else outs.new_zeros((), dtype=torch.int64),
+            (targets >= vocab_size).sum(),
+        ]
+    ).tolist()  # the single host sync of the forward
+    if flags[2]:
+        bad = targets[targets >= vocab_size]
+        raise ValueError(
+            f"vocab_parallel_token_stats: targets has {flags[2]} ids >= vocab_size={vocab_size} "
+            f"(e.g. {bad[:5].tolist()}); use ids in [0, vocab_size) or a negative id for ignored positions"
+        )
+    if flags[0] or flags[1]:
+        counts = torch.stack(
+            [
+                _count_nonfinite(student, width, temp, cdtype, chunk),
+                _count_nonfinite(teacher, width, temp, cdtype, chunk)
+                if has_teacher
+                else torch.zeros((), dtype=torch.int64, device=dev),
+            ]
+        )
+        _all_reduce(counts, dist.ReduceOp.SUM, group)
+        n_s, n_t = counts.tolist()
+        parts = []
+        if n_s:
+            parts.append(f"student_logits has {n_s} non-finite values (NaN/inf)")
+        if n_t:
+            parts.append(f"teacher_logits has {n_t} non-finite values (NaN/inf)")
+        if not parts:  # cannot happen for finite inputs; keep the message honest if it does
+            parts.append("the per-token statistics are non-finite although no logit is")
+        raise NonFiniteLogitsError(
+            "vocab_parallel_token_stats: " + "; ".join(parts) + f" over {T} tokens x {vocab_size} vocab "
+            f"(all TP shards, temperature {temp}); refusing to produce a NaN loss"
+        )
+
+
+def _grad_coefficients(outs, valid_tgt, has_tgt, has_teacher, g_lp, g_h, rest, cdtype):
+    """Per-token coefficients of the backward (see `_grad_chunk`) from the upstream gradients (None = zero):
+    (c_logp, c_logq, c_const, c_q, g_y, use_teacher); use_teacher is False when no KL gradient came back, and the
+    teacher logits need not be read."""
+    g_kl = g_fkl = None
+    if has_teacher:
+        _, g_kl, g_fkl = rest
+    zeros = outs.new_zeros(outs.shape[1])
+    g_lp = zeros if g_lp is None else torch.where(valid_tgt, g_lp.to(cdtype), zeros)
+    g_h = zeros if g_h is None else g_h.to(cdtype)
+    use_teacher = has_teacher and (g_kl is not None or g_fkl is not None)
+    g_kl = zeros if g_kl is None else g_kl.to(cdtype)
+    g_fkl = zeros if g_fkl is None else g_fkl.to(cdtype)
+    H = outs[1]
+    KL = outs[3] if has_teacher else zeros
+    c_logp = g_kl - g_h
+    c_logq = -g_kl
+    c_const = -g_h * H - g_kl * KL - g_lp + g_fkl
+    g_y = torch.where(has_tgt, g_lp, zeros)
+    return c_logp, c_logq, c_const, g_fkl, g_y, use_teacher
+
+
 class _VocabParallelTokenStats(torch.autograd.Function):
     """Autograd function behind `vocab_parallel_token_stats` (see the module docstring for math and collectives).
 
@@ -238,41 +312,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 outs[4, c0:c1] = part[5] - part[4] - log_se[1] + log_se[0]  # KL(T||S)
 
         if check_finite and T > 0:
-            flags = torch.stack(
-                [
-                    (~torch.isfinite(outs[:2])).sum(),
-                    (~torch.isfinite(outs[2:])).sum() if has_teacher else outs.new_zeros((), dtype=torch.int64),
-                    (targets >= vocab_size).sum(),
-                ]
-            ).tolist()  # the single host sync of the forward
-            if flags[2]:
-                bad = targets[targets >= vocab_size]
-                raise ValueError(
-                    f"vocab_parallel_token_stats: targets has {flags[2]} ids >= vocab_size={vocab_size} "
-                    f"(e.g. {bad[:5].tolist()}); use ids in [0, vocab_size) or a negative id for ignored positions"
-                )
-            if flags[0] or flags[1]:
-                counts = torch.stack(
-                    [
-                        _count_nonfinite(student, width, temp, cdtype, chunk),
-                        _count_nonfinite(teacher, width, temp, cdtype, chunk)
-                        if has_teacher
-                        else torch.zeros((), dtype=torch.int64, device=dev),
-                    ]
-                )
-                _all_reduce(counts, dist.ReduceOp.SUM, group)
-                n_s, n_t = counts.tolist()
-                parts = []
-                if n_s:
-                    parts.append(f"student_logits has {n_s} non-finite values (NaN/inf)")
-                if n_t:
-                    parts.append(f"teacher_logits has {n_t} non-finite values (NaN/inf)")
-                if not parts:  # cannot happen for finite inputs; keep the message honest if it does
-                    parts.append("the per-token statistics are non-finite although no logit is")
-                raise NonFiniteLogitsError(
-                    "vocab_parallel_token_stats: " + "; ".join(parts) + f" over {T} tokens x {vocab_size} vocab "
-                    f"(all TP shards, temperature {temp}); refusing to produce a NaN loss"
-                )
+            _raise_if_nonfinite(outs, has_teacher, targets, vocab_size, student, teacher, width, temp, cdtype, chunk,
+                                group)
 
         ctx.save_for_backward(student, teacher if has_teacher else None, tgt_local, has_tgt, valid_tgt, lse, outs)
         ctx.meta = (width, temp, chunk, cdtype, compile, has_teacher)
@@ -290,22 +331,9 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         nones = (None,) * 9
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        g_kl = g_fkl = None
-        if has_teacher:
-            _, g_kl, g_fkl = rest
+        c_logp, c_logq, c_const, g_fkl, g_y, use_teacher = _grad_coefficients(
+            outs, valid_tgt, has_tgt, has_teacher, g_lp, g_h, rest, cdtype)
         T, v_local = student.shape
-        zeros = lse.new_zeros(T)
-        g_lp = zeros if g_lp is None else torch.where(valid_tgt, g_lp.to(cdtype), zeros)
-        g_h = zeros if g_h is None else g_h.to(cdtype)
-        use_teacher = has_teacher and (g_kl is not None or g_fkl is not None)
-        g_kl = zeros if g_kl is None else g_kl.to(cdtype)
-        g_fkl = zeros if g_fkl is None else g_fkl.to(cdtype)
-        H = outs[1]
-        KL = outs[3] if has_teacher else zeros
-        c_logp = g_kl - g_h
-        c_logq = -g_kl
-        c_const = -g_h * H - g_kl * KL - g_lp + g_fkl
-        g_y = torch.where(has_tgt, g_lp, zeros)
 
         k = _kernels(compile)
         grad = torch.empty_like(student)
@@ -322,6 +350,40 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         return (grad,) + nones
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_imports() -> bool:
+    """Whether `import triton` works here (checked once)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str, logits: torch.Tensor) -> bool:
+    """Resolve `kernel_backend` for these logits; raise when 'triton' cannot run here."""
+    if backend == "torch" or logits.dtype == torch.float64:
+        return False
+    if backend == "auto":  # the torch path until the Triton kernels are measured and checked on a GPU
+        return False
+    if not _triton_imports():
+        raise RuntimeError(
+            "kernel_backend='triton': the triton package does not import here. Fix: pip install triton (Linux), "
+            "or use kernel_backend='auto' or 'torch'"
+        )
+    if not logits.is_cuda:
+        from .triton_kernels import INTERPRETED
+
+        if not INTERPRETED:
+            raise RuntimeError(
+                f"kernel_backend='triton' got logits on {logits.device}: the Triton kernels run on CUDA devices, and "
+                "elsewhere only under Triton's interpreter. Fix: move the logits to a CUDA device, set "
+                "TRITON_INTERPRET=1 before dasd_megatron.loss.triton_kernels is first imported (tests), or use "
+                "kernel_backend='auto' or 'torch'"
+            )
+    return True
+
+
 def vocab_parallel_token_stats(
     student_logits: torch.Tensor,
     teacher_logits: Optional[torch.Tensor],
@@ -334,6 +396,7 @@ def vocab_parallel_token_stats(
     chunk_size: Optional[int] = None,
     check_finite: bool = True,
     compile: bool = False,
+    kernel_backend: str = "auto",
 ) -> TokenStats:
     """Per-token student log-prob, entropy, teacher log-prob, KL(S||T) and KL(T||S) over a TP-sharded vocabulary.
 
@@ -350,7 +413,11 @@ def vocab_parallel_token_stats(
         temperature: the rollout temperature; logits are divided by it before anything else.
         chunk_size: tokens per chunk (None: `default_chunk_size`, ~2**24 fp32 values per temporary on CUDA).
         check_finite: raise `NonFiniteLogitsError` on NaN/inf logits (costs one host sync per call).
-        compile: wrap the per-chunk math in `torch.compile` (CUDA).
+        compile: wrap the per-chunk math in `torch.compile` (CUDA; torch backend only).
+        kernel_backend: 'torch' (this module's chunked kernels, the reference), 'triton' (`triton_kernels`: one
+            streaming pass over the logits per direction, two collectives per call; CUDA, or CPU under
+            TRITON_INTERPRET=1), or 'auto' (for now the torch path; see the module docstring). float64
+            inputs always take the torch path. `chunk_size` and `compile` apply to the torch backend only.
 
     Returns:
         `TokenStats(logp, entropy, teacher_logp, kl, forward_kl)`, each `[T]`; teacher fields are None without a
@@ -378,6 +445,14 @@ def vocab_parallel_token_stats(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+    if _use_triton(kernel_backend, student_logits):
+        from .triton_kernels import triton_token_stats
+
+        out = triton_token_stats(student_logits, teacher_logits, targets, tp_group, vocab_start, vocab_size,
+                                 temperature, check_finite)
+        return TokenStats(*out)
     out = _VocabParallelTokenStats.apply(
         student_logits, teacher_logits, targets.long(), tp_group, int(vocab_start), int(vocab_size),
         float(temperature), chunk_size, bool(check_finite), bool(compile),
