@@ -37,7 +37,7 @@ TEMPERATURE = 0.7
 
 
 def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
-    """SmolLM2-135M-Instruct trained with `method` on easy arithmetic, 2 CPU processes, about 7 minutes."""
+    """SmolLM2-135M-Instruct trained with `method` on easy arithmetic, 2 CPU processes, about 6 minutes."""
     name = f"smollm2_135m_{method}_cpu"
     config = RunConfig(
         model=ModelConfig(hf_config=SMOLLM2_135M_INSTRUCT, seq_length=1024, attention_backend="sdpa"),
