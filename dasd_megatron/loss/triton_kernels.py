@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .vocab_parallel import _all_reduce, _grad_coefficients, _raise_if_nonfinite, _world, default_chunk_size
+from .vocab_parallel import (_all_reduce, _function_outputs, _grad_coefficients, _raise_if_nonfinite, _world,
+                             default_chunk_size)
 
 __all__ = ["INTERPRETED", "triton_token_stats"]
 
@@ -283,12 +284,7 @@ class _TritonTokenStats(torch.autograd.Function):
                                 torch.float32, chunk, group)
         ctx.save_for_backward(student, teacher, tgt_local, has_tgt, valid_tgt, lse, outs)
         ctx.meta = (width, inv_temp, has_teacher, block)
-        ctx.set_materialize_grads(False)
-        if has_teacher:
-            tlogp = outs[2].clone()
-            ctx.mark_non_differentiable(tlogp)
-            return outs[0].clone(), outs[1].clone(), tlogp, outs[3].clone(), outs[4].clone()
-        return outs[0].clone(), outs[1].clone()
+        return _function_outputs(ctx, outs, has_teacher)
 
     @staticmethod
     def backward(ctx, g_lp, g_h, *rest):

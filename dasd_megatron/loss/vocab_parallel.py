@@ -234,6 +234,17 @@ def _raise_if_nonfinite(outs, has_teacher, targets, vocab_size, student, teacher
         )
 
 
+def _function_outputs(ctx, outs: torch.Tensor, has_teacher: bool) -> tuple:
+    """The autograd Function's outputs from the `[5, T]` (or `[2, T]`) stack: logp, entropy (and teacher_logp,
+    marked non-differentiable, KL, forward KL), as fresh tensors; grads are not materialised for unused outputs."""
+    ctx.set_materialize_grads(False)
+    if has_teacher:
+        tlogp = outs[2].clone()
+        ctx.mark_non_differentiable(tlogp)
+        return outs[0].clone(), outs[1].clone(), tlogp, outs[3].clone(), outs[4].clone()
+    return outs[0].clone(), outs[1].clone()
+
+
 def _grad_coefficients(outs, valid_tgt, has_tgt, has_teacher, g_lp, g_h, rest, cdtype):
     """Per-token coefficients of the backward (see `_grad_chunk`) from the upstream gradients (None = zero):
     (c_logp, c_logq, c_const, c_q, g_y, use_teacher); use_teacher is False when no KL gradient came back, and the
@@ -317,12 +328,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 
         ctx.save_for_backward(student, teacher if has_teacher else None, tgt_local, has_tgt, valid_tgt, lse, outs)
         ctx.meta = (width, temp, chunk, cdtype, compile, has_teacher)
-        ctx.set_materialize_grads(False)
-        if has_teacher:
-            tlogp = outs[2].clone()
-            ctx.mark_non_differentiable(tlogp)
-            return outs[0].clone(), outs[1].clone(), tlogp, outs[3].clone(), outs[4].clone()
-        return outs[0].clone(), outs[1].clone()
+        return _function_outputs(ctx, outs, has_teacher)
 
     @staticmethod
     def backward(ctx, g_lp, g_h, *rest):
