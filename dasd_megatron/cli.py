@@ -106,19 +106,12 @@ def cmd_train(args) -> int:
 
 def _eval_points(run_dir: str) -> list[tuple[int, float]]:
     """(step, eval/accuracy) of every evaluation in the run's metrics.jsonl."""
-    out = []
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec.get("eval/accuracy"), (int, float)):
-                    out.append((int(rec["step"]), float(rec["eval/accuracy"])))
-    except OSError:
-        return []
-    return out
+    from dasd_megatron.train.metrics_log import read_metrics_jsonl
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    records = read_metrics_jsonl(path)[0] if os.path.exists(path) else []
+    return [(int(r["step"]), float(r["eval/accuracy"])) for r in records
+            if isinstance(r.get("eval/accuracy"), (int, float))]
 
 
 def cmd_validate(args) -> int:

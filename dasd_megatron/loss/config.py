@@ -157,6 +157,11 @@ class DASDLossConfig:
                 "kernel_backend": self.kernel_backend}
 
     @property
+    def teacher_term_on(self) -> bool:
+        """Whether the loss uses the teacher at all: beta != 0 and omega not the constant 0 (GRPO)."""
+        return self.beta != 0.0 and not (self.router_mode == "constant" and self.router_constant == 0.0)
+
+    @property
     def quantile_level(self) -> float:
         """The quantile level q of tau = Quantile_q(H): 1 - rho for 'upper', rho for 'lower'."""
         return 1.0 - self.rho if self.convention == "upper" else self.rho

@@ -111,7 +111,7 @@ def dasd_loss(
                     ("rollout_logp", rollout_logp), ("teacher_logp", stats.teacher_logp), ("kl", stats.kl)):
         if x is not None and x.shape != (T,):
             raise ValueError(f"dasd_loss: {name} has shape {tuple(x.shape)}, expected [{T}] like stats.logp")
-    teacher_on = cfg.beta != 0.0 and not (cfg.router_mode == "constant" and cfg.router_constant == 0.0)
+    teacher_on = cfg.teacher_term_on
     if teacher_on and stats.teacher_logp is None:
         raise ValueError("dasd_loss: the teacher term is on (beta != 0 and omega not constant 0) but "
                          "stats.teacher_logp is None; pass teacher logits to vocab_parallel_token_stats")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import glob
 import importlib.util
-import logging
 import os
 import shutil
 import sys
@@ -30,7 +29,6 @@ from typing import Callable
 
 from dasd_megatron.config import ConfigError
 
-log = logging.getLogger(__name__)
 
 SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]

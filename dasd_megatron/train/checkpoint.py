@@ -21,8 +21,6 @@ def inner_module(model):
     return model.module if hasattr(model, "ddp_config") else model
 
 
-_inner = inner_module
-
 
 def save_model(model, ckpt_dir: str) -> None:
     """Save the model's sharded state dict (each rank writes its shards; megatron dedups replicas)."""
@@ -31,7 +29,7 @@ def save_model(model, ckpt_dir: str) -> None:
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_inner(model).sharded_state_dict(), ckpt_dir)
+    dist_checkpointing.save(inner_module(model).sharded_state_dict(), ckpt_dir)
 
 
 def load_model(model, ckpt_dir: str, strict: bool = True) -> None:
@@ -43,7 +41,7 @@ def load_model(model, ckpt_dir: str, strict: bool = True) -> None:
             f"{ckpt_dir} is not a megatron distributed checkpoint (no metadata.json). "
             "Fix: point at a folder written by dasd (or tools/convert_hf.py import)"
         )
-    inner = _inner(model)
+    inner = inner_module(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), ckpt_dir)
     inner.load_state_dict(state, strict=strict)
 
@@ -116,7 +114,7 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    inner = _inner(model)
+    inner = inner_module(model)
     model_sd = inner.sharded_state_dict()
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
     dist_checkpointing.save(sharded, tmp)
@@ -124,7 +122,7 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
         if rank == 0:
             os.makedirs(os.path.join(tmp, TEACHER_DIR))
         dist.barrier()
-        dist_checkpointing.save(_inner(teacher).sharded_state_dict(), os.path.join(tmp, TEACHER_DIR))
+        dist_checkpointing.save(inner_module(teacher).sharded_state_dict(), os.path.join(tmp, TEACHER_DIR))
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
     dist.barrier()
@@ -155,7 +153,7 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
     if not ckpts:
         return None
     _, path = ckpts[-1]
-    inner = _inner(model)
+    inner = inner_module(model)
     model_sd = inner.sharded_state_dict()
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     state = dist_checkpointing.load(sharded, path)

@@ -148,8 +148,7 @@ class DASDStep:
         optimizer step per batch: the policy has not moved since the rollouts were scored) and computes the
         per-rollout statistics from its own tokens, exact because every rollout lives whole in one micro-batch."""
         cfg = self.cfg.loss
-        teacher_on = cfg.beta != 0.0 and not (cfg.router_mode == "constant" and cfg.router_constant == 0.0)
-        full = teacher_on if single_pass else (cfg.estimator == "full" and cfg.beta != 0.0)
+        full = cfg.teacher_term_on if single_pass else (cfg.estimator == "full" and cfg.beta != 0.0)
         metrics: list[tuple[int, dict]] = []
 
         def forward_step(item, model):

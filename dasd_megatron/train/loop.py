@@ -45,25 +45,6 @@ def _with_local_model(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=path))
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Keep the records of `path` with step <= `last_step` (a resumed run redoes the later ones)."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
 def _broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -136,12 +117,14 @@ class Trainer:
                 json.dump(to_dict(cfg), f, indent=2, default=str)
             self._start_rollout()
             from dasd_megatron.reward import RewardScorer
-            from dasd_megatron.train.metrics_log import MetricsLogger
+            from dasd_megatron.train.metrics_log import MetricsLogger, truncate_jsonl_after
 
             self.scorer = RewardScorer(cfg.reward)
             # a fresh start (step 0) drops every earlier line, the step-0 evaluation included: it is redone
             self.logger = MetricsLogger(cfg.run_dir, enabled=True, resume_step=self.step if self.step else -1)
-            _truncate_jsonl(os.path.join(cfg.run_dir, "samples.jsonl"), self.step)
+            samples = os.path.join(cfg.run_dir, "samples.jsonl")
+            if os.path.exists(samples):  # a resumed run redoes the steps after its checkpoint
+                truncate_jsonl_after(samples, self.step)
         if meta is not None:
             self.sync_weights()  # servers start from the HF folder; bring them to the checkpoint's weights
         return self

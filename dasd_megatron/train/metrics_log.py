@@ -98,7 +98,7 @@ def read_metrics_jsonl(path: str) -> tuple[list[dict], int]:
     return records, bad
 
 
-def _truncate_after(path: str, resume_step: int) -> tuple[int, int]:
+def truncate_jsonl_after(path: str, resume_step: int) -> tuple[int, int]:
     """Keep the lines of `path` with step <= resume_step (atomically); returns (kept, dropped)."""
     kept, dropped = [], 0
     with open(path, encoding="utf-8") as f:
@@ -196,7 +196,7 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
-            kept, dropped = _truncate_after(self.path, int(resume_step))
+            kept, dropped = truncate_jsonl_after(self.path, int(resume_step))
             if dropped:
                 log.info("resume at step %d: dropped %d line(s) of %s after that step (or unparseable), kept %d",
                          resume_step, dropped, self.path, kept)
