@@ -12,7 +12,7 @@ Typical use::
 
 from dasd_megatron.data.config import CONTEXT_KINDS, SCHEMAS, DataConfig, PromptConfig
 from dasd_megatron.data.dataset import MathDataset, load_math_dataset
-from dasd_megatron.data.errors import BadRowError, DataError, DataLoadError
+from dasd_megatron.data.errors import BadLineError, BadRowError, DataError, DataLoadError
 from dasd_megatron.data.example import BadRow, MathExample
 from dasd_megatron.data.instructions import strip_instructions
 from dasd_megatron.data.iterator import PromptIterator, epoch_permutation
@@ -23,6 +23,7 @@ from dasd_megatron.data.tokenizer import load_tokenizer, qwen25_tokenizer
 __all__ = [
     "CONTEXT_KINDS",
     "SCHEMAS",
+    "BadLineError",
     "BadRow",
     "BadRowError",
     "DataConfig",

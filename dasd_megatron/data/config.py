@@ -86,7 +86,11 @@ class DataConfig:
     max_prompt_tokens: Optional[int] = None
     """Examples whose student prompt is longer than this are bad rows (needs a tokenizer at load time)."""
     on_bad_row: Literal["skip", "error"] = "skip"
-    """'skip': report the row (index and reason) and go on; 'error': raise naming the row, the field and the fix."""
+    """What to do with a bad row: a line of a JSON Lines file that is not a JSON object, or a row without a usable
+    problem or answer. 'skip' (default): leave it out, count it, log it (the first few with row index, file and line
+    or field, and the reason) and go on; 'error': raise at the first one, naming the file and line (malformed JSON) or
+    the row and field, and the fix. One policy for both kinds, so a typo in one line of a large file costs that line,
+    as an empty answer does, not the run."""
     strip_instructions: bool = True
     """Remove known instruction wrappers around problems (DAPO's 'Solve the following math problem ...'), see
     `dasd_megatron.data.instructions`."""

@@ -1,8 +1,11 @@
 """`load_math_dataset`: load a split, map every row to a `MathExample`, and report the rows that cannot be used.
 
-Bad rows (no usable problem or answer, or a student prompt over `data.max_prompt_tokens`) are collected as
-`BadRow(index, field, reason)`: with `data.on_bad_row=skip` they are logged (the first few one by one, then a
-summary count) and left out; with `error` the first one raises `BadRowError` naming the row, the field and the fix.
+Bad rows (a line of a JSON Lines file that is not a JSON object, no usable problem or answer, or a student prompt
+over `data.max_prompt_tokens`) are collected as `BadRow(index, field, reason)`: with `data.on_bad_row=skip` they are logged (the first few one by one, then a
+summary count) and left out; with `error` the first one raises `BadRowError` naming the row, the field and the fix
+(`BadLineError` naming the file and the line for a malformed JSON line, see `dasd_megatron.data.loading`). One policy
+for both: a file with a broken line is treated like a file with an empty answer, and `skip` (the default) keeps a
+long run going while the log says what was left out.
 A bad row never crashes the skip mode: the mapping of a row is wrapped so that even an unexpected exception becomes a
 bad row.
 """
@@ -16,7 +19,7 @@ from typing import Any, Iterator
 from dasd_megatron.data.config import DataConfig
 from dasd_megatron.data.errors import BadRowError, DataError
 from dasd_megatron.data.example import BadRow, MathExample
-from dasd_megatron.data.loading import default_name, load_rows
+from dasd_megatron.data.loading import default_name, read_rows
 from dasd_megatron.data.prompts import student_prompt_lengths
 from dasd_megatron.data.schemas import RowMapper, check_columns, detect_schema, resolve_fields
 
@@ -32,7 +35,7 @@ class MathDataset:
     name: str
     schema: str
     num_rows: int
-    """Rows read (after `data.limit`)."""
+    """Rows read (after `data.limit`), malformed JSON lines included."""
     examples: tuple[MathExample, ...]
     bad_rows: tuple[BadRow, ...] = ()
     duplicates: int = 0
@@ -41,6 +44,8 @@ class MathDataset:
     """Problems that lost an instruction wrapper."""
     long_prompts: int = field(default=0)
     """Bad rows among `bad_rows` whose student prompt was over `data.max_prompt_tokens`."""
+    malformed_lines: int = 0
+    """Bad rows among `bad_rows` that were lines of a JSON Lines file but not JSON objects."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -53,8 +58,9 @@ class MathDataset:
 
     def summary(self) -> str:
         return (f"{self.name} ({self.schema}): {len(self.examples)} examples from {self.num_rows} rows; "
-                f"{len(self.bad_rows)} bad rows skipped ({self.long_prompts} over the prompt limit), "
-                f"{self.duplicates} duplicates dropped, {self.stripped_instructions} instruction wrappers removed")
+                f"{len(self.bad_rows)} bad rows skipped ({self.malformed_lines} malformed JSON lines, "
+                f"{self.long_prompts} over the prompt limit), {self.duplicates} duplicates dropped, "
+                f"{self.stripped_instructions} instruction wrappers removed")
 
 
 def _fix_for(bad: BadRow) -> str:
@@ -80,7 +86,8 @@ def load_math_dataset(cfg: DataConfig, tokenizer: Any = None) -> MathDataset:
     if cfg.max_prompt_tokens is not None and tokenizer is None:
         raise DataError(f"data.max_prompt_tokens={cfg.max_prompt_tokens}: filtering by prompt length needs a "
                         "tokenizer. Fix: pass tokenizer= to load_math_dataset, or set data.max_prompt_tokens=null")
-    ds = load_rows(cfg)
+    rows = read_rows(cfg)
+    ds = rows.dataset
     name = cfg.name or default_name(cfg.source)
     schema = detect_schema(ds.column_names) if cfg.schema == "auto" else cfg.schema
     fields = resolve_fields(schema, cfg.problem_field, cfg.answer_field, cfg.solution_field)
@@ -88,10 +95,11 @@ def load_math_dataset(cfg: DataConfig, tokenizer: Any = None) -> MathDataset:
     mapper = RowMapper(schema, fields, name, strip=cfg.strip_instructions)
 
     examples: list[MathExample] = []
-    bad: list[BadRow] = []
+    bad: list[BadRow] = [b.bad_row() for b in rows.bad_lines]  # on_bad_row=error raised in read_rows already
     seen: set = set()
     duplicates = 0
-    for index, row in enumerate(ds):
+    for position, row in enumerate(ds):
+        index = rows.row_number(position)
         try:
             out = mapper(row, index)
         except Exception as e:  # noqa: BLE001 - a malformed row is a bad row, not a crash
@@ -108,6 +116,7 @@ def load_math_dataset(cfg: DataConfig, tokenizer: Any = None) -> MathDataset:
                 continue
             seen.add(key)
         examples.append(out)
+    bad.sort(key=lambda b: b.index)
     _report(bad, cfg, name)
 
     long_prompts = 0
@@ -117,12 +126,14 @@ def load_math_dataset(cfg: DataConfig, tokenizer: Any = None) -> MathDataset:
         bad.extend(too_long)
         long_prompts = len(too_long)
 
-    out = MathDataset(name=name, schema=schema, num_rows=len(ds), examples=tuple(examples),
+    out = MathDataset(name=name, schema=schema, num_rows=rows.num_rows, examples=tuple(examples),
                       bad_rows=tuple(sorted(bad, key=lambda b: b.index)), duplicates=duplicates,
-                      stripped_instructions=mapper.stripped, long_prompts=long_prompts)
+                      stripped_instructions=mapper.stripped, long_prompts=long_prompts,
+                      malformed_lines=len(rows.bad_lines))
     log.info("data %s", out.summary())
     if not out.examples:
-        raise DataError(f"data.source={cfg.source!r}: no usable example among {len(ds)} rows ({len(bad)} bad). Fix: "
+        raise DataError(f"data.source={cfg.source!r}: no usable example among {rows.num_rows} rows ({len(bad)} bad). "
+                        "Fix: "
                         "check data.schema and the field overrides against the file's columns")
     return out
 

@@ -17,3 +17,11 @@ class BadRowError(DataError):
     def __init__(self, index: int, field: str, reason: str, fix: str):
         self.index, self.field, self.reason = index, field, reason
         super().__init__(f"row {index}: field {field!r}: {reason}. Fix: {fix}")
+
+
+class BadLineError(DataLoadError):
+    """A line of a JSON (Lines) file is not one JSON object, and it cannot or may not be skipped."""
+
+    def __init__(self, source: str, path: str, line: int, reason: str, fix: str):
+        self.source, self.path, self.line, self.reason = source, path, line, reason
+        super().__init__(f"data.source={source!r}: line {line} of {path}: {reason}. Fix: {fix}")
