@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -85,19 +86,57 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6
+    """Peak learning rate: reached at the end of warm-up, then held (constant) or decayed to `min_lr`."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    """Linear learning-rate warm-up from lr/warmup_steps to lr over the first steps, then constant."""
+    """Linear learning-rate warm-up from lr/warmup_steps to lr over the first `warmup_steps` steps."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: hold `lr` (constant), or decay it to `min_lr` along a half cosine or a line, reaching `min_lr`
+    at the last decay step and holding it after. The formulas are megatron's OptimizerParamScheduler's
+    (`--lr-decay-style`), with its 1-based step count: optimizer step `s` (0-based) is its step s + 1."""
+    min_lr: float = 0.0
+    """The learning rate a decaying schedule ends at (megatron's `--min-lr`)."""
+    decay_steps: int = 0
+    """Steps from the start of training (warm-up included) to the end of the decay; 0: `train.steps`, so the last
+    training step runs at `min_lr` (megatron's `--lr-decay-iters`, which defaults to `--train-iters`). A run resumed
+    with a larger `train.steps` therefore re-stretches a decay that follows `train.steps`; give `decay_steps`
+    explicitly to fix it."""
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based)."""
-        if self.warmup_steps <= 0:
+    def decay_end(self, train_steps: int | None) -> int:
+        """The step count (1-based) at which the decay reaches `min_lr`: `decay_steps`, or `train_steps` when it is 0.
+        Raises a ConfigError when that leaves no step to decay over (the warm-up covers it)."""
+        end = self.decay_steps or train_steps
+        if end is None:
+            raise ValueError("OptimConfig.decay_end: optim.decay_steps=0 follows train.steps; pass train_steps")
+        if end <= self.warmup_steps:
+            field = "optim.decay_steps" if self.decay_steps else "train.steps"
+            raise config_error(
+                field, end,
+                f"optim.lr_schedule={self.lr_schedule} decays after optim.warmup_steps={self.warmup_steps}, so the "
+                "decay must end after the warm-up", f"make it larger than {self.warmup_steps}, lower "
+                "optim.warmup_steps, or use optim.lr_schedule=constant",
+            )
+        return end
+
+    def lr_at(self, step: int, train_steps: int | None = None) -> float:
+        """Learning rate of optimizer step `step` (0-based) in a run of `train_steps` steps (needed only by a decay
+        that follows train.steps). A function of the step number alone, so a resumed run (whose step number comes
+        from the checkpoint) continues the schedule exactly."""
+        n = step + 1  # megatron's step count: the first optimizer step is step 1
+        if self.warmup_steps > 0 and n <= self.warmup_steps:
+            return self.lr * (n / self.warmup_steps)
+        if self.lr_schedule == "constant":
             return self.lr
-        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+        end = self.decay_end(train_steps)
+        if n >= end:
+            return self.min_lr
+        ratio = (n - self.warmup_steps) / (end - self.warmup_steps)
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if self.lr_schedule == "cosine" else 1.0 - ratio
+        return self.min_lr + coeff * (self.lr - self.min_lr)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -107,6 +146,25 @@ class OptimConfig:
                                "use 0.9 / 0.999")
         if self.clip_grad < 0:
             raise config_error("optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+        for name in ("warmup_steps", "decay_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise config_error(f"optim.{name}", v, "must be an integer >= 0", "use 0 to disable")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise config_error("optim.lr_schedule", self.lr_schedule, "unknown schedule",
+                               "use constant, cosine or linear")
+        if not isinstance(self.min_lr, (int, float)) or isinstance(self.min_lr, bool) or not 0 <= self.min_lr <= self.lr:
+            raise config_error("optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
+                               "use e.g. optim.lr / 10, or 0")
+        if self.lr_schedule == "constant":
+            # a decay setting under a constant schedule would be silently ignored: say so instead
+            for name in ("min_lr", "decay_steps"):
+                if getattr(self, name):
+                    raise config_error(f"optim.{name}", getattr(self, name),
+                                       "only a decaying schedule uses it, and optim.lr_schedule=constant",
+                                       f"set optim.lr_schedule=cosine or linear, or leave optim.{name}=0")
+        elif self.decay_steps:
+            self.decay_end(None)  # an explicit decay_steps must end after the warm-up
 
 
 @dataclass(frozen=True)

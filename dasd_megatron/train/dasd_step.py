@@ -49,6 +49,8 @@ def check_supported(cfg: RunConfig) -> None:
         raise ConfigError("loss.estimator='full' with parallel.pipeline>1 is not implemented yet (the teacher's "
                           "full-vocabulary logits would cross the pipeline). Fix: set loss.estimator=sampled or "
                           "parallel.pipeline=1")
+    if cfg.optim.lr_schedule != "constant":
+        cfg.optim.decay_end(cfg.train.steps)  # a decay that follows train.steps must end after the warm-up
 
 
 @dataclass
@@ -183,7 +185,7 @@ class DASDStep:
     def run(self, rollouts: Sequence[Rollout], rollout_ids: Sequence[int], advantages: torch.Tensor,
             step: int = 0) -> dict:
         """All phases for this DP rank's rollouts (global ids `rollout_ids` index `advantages`, shape [N]);
-        `step` (0-based) sets the learning rate through `optim.warmup_steps`."""
+        `step` (0-based) sets the learning rate (`optim.warmup_steps`, `optim.lr_schedule` over `train.steps`)."""
         if not rollouts:
             raise ValueError("DASDStep.run: this data-parallel rank received no rollouts (every sample came back empty, "
                              "or the batch is smaller than the DP size). Fix: raise train.prompts_per_step")
@@ -194,7 +196,7 @@ class DASDStep:
             self.score(packs)
             rstats = self.rollout_stats(packs, advantages.shape[0])
             result = self.train(packs, advantages.to(self.ctx.device), rstats)
-        result.update(optimizer_step(self.optimizer, lr=self.cfg.optim.lr_at(step)))
+        result.update(optimizer_step(self.optimizer, lr=self.cfg.optim.lr_at(step, self.cfg.train.steps)))
         if self.teacher is not None and result.get("update_successful", True):
             self.teacher.update(self.model)
         result.update(self._summarise(result.pop("reports"), result.pop("metrics")))
