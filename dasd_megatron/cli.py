@@ -76,7 +76,10 @@ def _resolve_train(args) -> RunConfig:
 
 def cmd_train(args) -> int:
     """DASD training (see dasd_megatron/train/loop.py); with --nproc N, relaunched under torchrun."""
+    from dasd_megatron.launch.checks import check_paths
+
     cfg = _resolve_train(args)  # config errors surface here, before any process starts
+    check_paths(cfg)  # input paths: one line naming the field and the fix, not a traceback per rank
     if args.nproc > 1 and "RANK" not in os.environ:
         from dasd_megatron.model.pretrained import resolve_pretrained
 
@@ -85,8 +88,13 @@ def cmd_train(args) -> int:
         return _relaunch_under_torchrun(args.nproc)
     from dasd_megatron.train.loop import train
 
+    from dasd_megatron.data import DataError
+
     t0 = time.perf_counter()
-    history = train(cfg)
+    try:
+        history = train(cfg)
+    except DataError as e:  # a bad row with data.on_bad_row=error, no usable example, ...: the message has the fix
+        raise ConfigError(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0 and history:
         first, last = history[0], history[-1]
         evals = _eval_points(cfg.run_dir)
@@ -115,7 +123,10 @@ def _eval_points(run_dir: str) -> list[tuple[int, float]]:
 
 
 def cmd_validate(args) -> int:
+    from dasd_megatron.launch.checks import check_paths
+
     cfg = _resolve(args)
+    check_paths(cfg, need_data=False)
     cfg.validate_layout(args.world_size)
     print(f"OK: {json.dumps(to_dict(cfg))}")
     return 0

@@ -22,6 +22,6 @@ class BadRowError(DataError):
 class BadLineError(DataLoadError):
     """A line of a JSON (Lines) file is not one JSON object, and it cannot or may not be skipped."""
 
-    def __init__(self, source: str, path: str, line: int, reason: str, fix: str):
+    def __init__(self, source: str, path: str, line: int, reason: str, fix: str, field: str = "data.source"):
         self.source, self.path, self.line, self.reason = source, path, line, reason
-        super().__init__(f"data.source={source!r}: line {line} of {path}: {reason}. Fix: {fix}")
+        super().__init__(f"{field}={source!r}: line {line} of {path}: {reason}. Fix: {fix}")

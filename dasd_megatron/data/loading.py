@@ -46,32 +46,33 @@ def is_local(source: str) -> bool:
     return p.exists() or source.startswith(("/", ".", "~")) or p.suffix.lower() in FORMATS
 
 
-def data_files(source: str, split: str) -> tuple[str, list[str]]:
-    """`(format, files)` for a local source (see module docstring)."""
+def data_files(source: str, split: str, field: str = "data.source",
+               split_field: str = "data.split") -> tuple[str, list[str]]:
+    """`(format, files)` for a local source (see module docstring); errors name `field` and `split_field`."""
     p = Path(os.path.expanduser(source))
     if not p.exists():
-        raise DataLoadError(f"data.source={source!r}: no such file or folder. Fix: check the path (relative paths "
+        raise DataLoadError(f"{field}={source!r}: no such file or folder. Fix: check the path (relative paths "
                             f"are resolved from {os.getcwd()})")
     if p.is_file():
         fmt = FORMATS.get(p.suffix.lower())
         if fmt is None:
-            raise DataLoadError(f"data.source={source!r}: unknown file type {p.suffix!r}. Fix: use one of "
+            raise DataLoadError(f"{field}={source!r}: unknown file type {p.suffix!r}. Fix: use one of "
                                 f"{sorted(FORMATS)}")
         return fmt, [str(p)]
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
     if not files:
-        raise DataLoadError(f"data.source={source!r}: the folder has no {sorted(FORMATS)} files. Fix: point "
-                            "data.source at a data file or a folder holding them")
+        raise DataLoadError(f"{field}={source!r}: the folder has no {sorted(FORMATS)} files. Fix: point "
+                            f"{field} at a data file or a folder holding them")
     if len(files) > 1:
         files = [f for f in files if f.name.startswith(split)]
         if not files:
             names = sorted(f.name for f in p.iterdir() if f.suffix.lower() in FORMATS)
-            raise DataLoadError(f"data.split={split!r}: no file in {source!r} starts with it (files: {names}). "
-                                "Fix: set data.split to a file-name prefix or data.source to one file")
+            raise DataLoadError(f"{split_field}={split!r}: no file in {source!r} starts with it (files: {names}). "
+                                f"Fix: set {split_field} to a file-name prefix or {field} to one file")
     fmts = {FORMATS[f.suffix.lower()] for f in files}
     if len(fmts) > 1:
-        raise DataLoadError(f"data.source={source!r}: split {split!r} mixes formats {sorted(fmts)}. Fix: point "
-                            "data.source at one file")
+        raise DataLoadError(f"{field}={source!r}: split {split!r} mixes formats {sorted(fmts)}. Fix: point "
+                            f"{field} at one file")
     return fmts.pop(), [str(f) for f in files]
 
 
@@ -215,11 +216,11 @@ def _limited(ds, limit: Optional[int]) -> Rows:
     return Rows(ds, len(ds))
 
 
-def _read_around_bad_lines(cfg: DataConfig, files: list[str]) -> Optional[Rows]:
-    """After `datasets` failed on JSON files: None when no line is malformed (the failure is something else), else
-    the `BadLineError` of the first malformed line (`on_bad_row=error`) or the rows of the other lines (`skip`)."""
-    import datasets
-
+def locate_bad_lines(cfg: DataConfig, files: Sequence[str],
+                     field: str = "data.source") -> Optional[tuple[int, list[BadLine]]]:
+    """The malformed lines of JSON files, by `cfg.on_bad_row` (see module docstring): `(rows, bad lines)` within
+    `cfg.limit`; None when the files hold no malformed line (or are one valid JSON document). Raises `BadLineError`
+    for a syntax error in a JSON document, and for the first malformed line with `on_bad_row=error` (naming `field`)."""
     for path in files:
         if _is_json_document(path):
             with open(path, "rb") as f:
@@ -230,9 +231,9 @@ def _read_around_bad_lines(cfg: DataConfig, files: list[str]) -> Optional[Rows]:
                     raise BadLineError(
                         cfg.source, path, line, f"{_json_error(e)} in the JSON document",
                         f"repair line {line}; a JSON document cannot lose a line, so data.on_bad_row=skip does not "
-                        "apply (write the rows as JSON Lines, one object per line, to skip malformed ones)"
+                        "apply (write the rows as JSON Lines, one object per line, to skip malformed ones)", field=field
                     ) from None
-            return None  # a valid document that datasets could not read: not a malformed line
+            return None
     num_rows, bad = scan_json_lines(files)
     if not bad:
         return None
@@ -249,7 +250,19 @@ def _read_around_bad_lines(cfg: DataConfig, files: list[str]) -> Optional[Rows]:
                     f"({shown}{', ...' if len(more) > 5 else ''})")
         raise BadLineError(cfg.source, first.path, first.line, f"{first.reason}{also}",
                            f"repair or delete line {first.line}, or set data.on_bad_row=skip to leave malformed "
-                           "lines out (they are counted with the other bad rows)")
+                           "lines out (they are counted with the other bad rows)", field=field)
+    return num_rows, bad
+
+
+def _read_around_bad_lines(cfg: DataConfig, files: list[str]) -> Optional[Rows]:
+    """After `datasets` failed on JSON files: None when no line is malformed (the failure is something else), else
+    the rows of the other lines, read from a cleaned copy (or `locate_bad_lines`'s error)."""
+    import datasets
+
+    found = locate_bad_lines(cfg, files)
+    if found is None:
+        return None
+    num_rows, bad = found
     if len(bad) == num_rows:
         raise DataLoadError(f"data.source={cfg.source!r}: none of its {num_rows} rows is a JSON object (first: "
                             f"{bad[0]}). Fix: check that the file is JSON Lines, one object per line")
