@@ -82,9 +82,10 @@ def default_name(source: str) -> str:
     if not is_local(source):
         return source
     p = Path(os.path.expanduser(source)).resolve()
-    if p.is_file() and p.stem.lower() in _GENERIC_STEMS:
+    is_file = p.is_file() or (not p.is_dir() and p.suffix.lower() in FORMATS)
+    if is_file and p.stem.lower() in _GENERIC_STEMS:
         return p.parent.name
-    return p.stem if p.is_file() else p.name
+    return p.stem if is_file else p.name
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,24 @@ Hugging Face hub by name when there is no data folder (or with `hub=True`). The 
 by `dasd_megatron.data` (see its schema table); the hub copy of Minerva already has the boxed answer extracted into
 an `answer` column next to `question`, so it is read with explicit fields (auto-detection would take it for GSM8K).
 
+Your own evaluation set (`dasd eval --data`, `EvalConfig.data`): any data set training accepts (a local .jsonl /
+.json / .parquet / .csv file or folder, or a hub id), read by `dasd_megatron.data.load_math_dataset` with the same
+schemas and field mapping (`data.schema`, `data.problem_field`, ...). It is one more benchmark: its key is
+`DataConfig.name` (`custom_data_config` sets it from `--data-name`, else from the source: the file stem, the folder for
+a generic file name such as heldout/test.jsonl, the last part of a hub id), its records are `records/<key>.jsonl`,
+and it gets the same metrics and report rows. A key must not be one of the six benchmarks' names.
+
 A problem is identified by (benchmark key, `MathExample.index`, the row's position in the file) plus a short hash of
 its text, so records of one data source are never matched against another source's rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -144,3 +153,50 @@ def problem_hash(example: MathExample) -> str:
 def gold_json(example: MathExample):
     """The gold answer as stored in records: a string, or a list of acceptable answers."""
     return list(example.answer) if isinstance(example.answer, tuple) else example.answer
+
+
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_builtin(name: str) -> bool:
+    """Whether `name` names one of the six benchmarks (key, display name, folder or alias; any case)."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key) in BENCHMARKS or any(key in (b.name.lower(), b.folder) for b in BENCHMARKS.values())
+
+
+def display_name(key: str) -> str:
+    """A benchmark's display name (MATH500, AIME24, ...), or a custom evaluation set's key as is."""
+    return BENCHMARKS[key].name if key in BENCHMARKS else key
+
+
+def custom_key(source: str, name: Optional[str] = None) -> str:
+    """The key (records file name, report row) of a custom evaluation set: `name`, else derived from `source`."""
+    from dasd_megatron.data.loading import default_name, is_local
+
+    if name:
+        key = name
+    elif is_local(source):
+        key = default_name(source)
+    else:
+        key = source.rstrip("/").split("/")[-1]
+    if not _KEY.fullmatch(key):
+        raise EvalError(f"evaluation set name {key!r} (from {source!r}): it names the records file and the report "
+                        "row, so it must be letters, digits, '.', '_' or '-'. Fix: pass --data-name NAME")
+    if is_builtin(key):
+        raise EvalError(f"evaluation set name {key!r} (from {source!r}) is also a built-in benchmark's name, so "
+                        "their records would mix. Fix: pass --data-name NAME with another name, e.g. my_" + key)
+    return key
+
+
+def custom_data_config(source: str, *, name: Optional[str] = None, split: str = "test", **fields) -> DataConfig:
+    """The `DataConfig` of a custom evaluation set (`dasd eval --data`): the same options as `data.*` of training
+    (`schema`, `problem_field`, `answer_field`, `solution_field`, `subset`, `on_bad_row`, ...) as keyword
+    arguments; `name` is its key (see `custom_key`); rows in file order."""
+    if not source:
+        raise EvalError("--data '': no evaluation set given. Fix: give a .jsonl/.parquet file or folder, or a hub id")
+    return DataConfig(source=source, split=split, name=custom_key(source, name), shuffle=False, **fields)
+
+
+def load_custom(data: DataConfig, limit: Optional[int] = None) -> MathDataset:
+    """The examples of a custom evaluation set (first `limit` rows when set), read like training data."""
+    return load_math_dataset(dataclasses.replace(data, limit=limit, shuffle=False))

@@ -4,12 +4,20 @@
     dasd eval --model /ckpts/iter_0000500 --output runs/eval/it500 --benchmarks aime24,aime25 --limit 5 --n-samples 4
     dasd eval --server-url http://node1:30000 --server-url http://node2:30000 --tokenizer /models/Qwen3-1.7B \\
         --output runs/eval/q17b                                                  # servers that are already running
+    dasd eval --model CKPT --output runs/eval/heldout --data heldout.jsonl      # your own held-out set
+    dasd eval --model CKPT --output runs/eval/gsm8k --data openai/gsm8k --subset main --schema gsm8k
     dasd eval-report runs/eval/grpo runs/eval/dasd                               # side-by-side (B - A)
 
 `--model` takes a HF folder or a Megatron checkpoint (exported to a temporary HF folder first) and serves it with
 SGLang or the built-in CPU server (`--backend`). Sampling defaults are METHOD.md's (temperature 0.6, top-p 0.95).
 Benchmarks load from the local data folder when there is one (`--data-dir`, `DASD_EVAL_DATA_DIR`, or
 ../shared/data next to the repository), else from the Hugging Face hub (`--hub` forces the hub).
+
+`--data` evaluates your own set: a .jsonl/.json/.parquet/.csv file or folder, or a hub id, read exactly as training
+reads `data.source` (schemas dapo, gsm8k, math, minerva, olympiadbench, aime, plain, detected with `auto`; field
+overrides `--problem-field`, `--answer-field`, `--solution-field`; rows that cannot be used are skipped and logged).
+It is one more benchmark, named after the file (`--data-name` to choose): `records/<name>.jsonl`, its own row in
+metrics.json and the report. With `--data`, only that set is evaluated unless `--benchmarks` is given too.
 
 Everything lands in `--output`: `records/<benchmark>.jsonl` (one line per problem, written as soon as it is scored),
 `metrics.json`, `report.md` and `pass_at_k.png`. If the run stops (a server died, Ctrl-C), rerun the same command:
@@ -23,6 +31,8 @@ import argparse
 import logging
 import os
 import sys
+
+from dasd_megatron.data.config import SCHEMAS
 
 log = logging.getLogger("dasd.eval")
 
@@ -47,11 +57,21 @@ def add_eval_parsers(subparsers) -> None:
                                            "served model's path)")
     p.add_argument("--output", required=True, help="run folder (records, metrics, report); rerun to resume")
     data = p.add_argument_group("benchmarks")
-    data.add_argument("--benchmarks", default="all", help="comma-separated subset of math500, minerva, "
-                                                          "olympiadbench, aime24, aime25, hmmt25 (default all)")
+    data.add_argument("--benchmarks", help="comma-separated subset of math500, minerva, olympiadbench, aime24, "
+                                           "aime25, hmmt25, or 'all' (default: all; none with --data)")
     data.add_argument("--limit", type=int, help="first N problems of each benchmark (quick runs)")
     data.add_argument("--data-dir", help="folder with the local benchmark copies (default: see above)")
     data.add_argument("--hub", action="store_true", help="load the benchmarks from the Hugging Face hub")
+    own = p.add_argument_group("your own evaluation set (read like training's data.*)")
+    own.add_argument("--data", metavar="PATH_OR_HUB_ID",
+                     help="a .jsonl/.json/.parquet/.csv file or folder, or a hub id, evaluated as one more benchmark")
+    own.add_argument("--data-name", help="its name in records/<name>.jsonl and the report (default: from the file)")
+    own.add_argument("--schema", default="auto", choices=SCHEMAS, help="column layout (default: detected)")
+    own.add_argument("--problem-field", help="column holding the problem (dotted for nested fields)")
+    own.add_argument("--answer-field", help="column holding the gold answer (dotted, e.g. reward_model.ground_truth)")
+    own.add_argument("--solution-field", help="column holding a worked solution")
+    own.add_argument("--split", default="test", help="hub split, or the file-name prefix in a folder (default test)")
+    own.add_argument("--subset", help="hub configuration name (openai/gsm8k needs 'main')")
     s = p.add_argument_group("sampling")
     s.add_argument("--n-samples", "-n", type=int, default=16, help="samples per problem (default 16)")
     s.add_argument("--temperature", type=float, default=0.6)
@@ -93,13 +113,19 @@ def add_eval_parsers(subparsers) -> None:
 
 def _config(args, model_name: str):
     from dasd_megatron.data import PromptConfig
-    from dasd_megatron.eval.benchmarks import ALL_BENCHMARKS
+    from dasd_megatron.eval.benchmarks import ALL_BENCHMARKS, custom_data_config
     from dasd_megatron.eval.config import EvalConfig
 
     thinking = None if args.enable_thinking is None else args.enable_thinking == "true"
-    benchmarks = ALL_BENCHMARKS if args.benchmarks.strip().lower() == "all" else tuple(args.benchmarks.split(","))
+    names = args.benchmarks if args.benchmarks is not None else ("" if args.data else "all")
+    benchmarks = ALL_BENCHMARKS if names.strip().lower() == "all" else tuple(n for n in names.split(",") if n.strip())
+    data = ()
+    if args.data is not None:
+        data = (custom_data_config(args.data, name=args.data_name, split=args.split, subset=args.subset,
+                                   schema=args.schema, problem_field=args.problem_field,
+                                   answer_field=args.answer_field, solution_field=args.solution_field),)
     return EvalConfig(
-        model=model_name, benchmarks=benchmarks, n_samples=args.n_samples, temperature=args.temperature,
+        model=model_name, benchmarks=benchmarks, data=data, n_samples=args.n_samples, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, pass_k=args.pass_k,
         limit=args.limit, concurrency=args.concurrency, answer_line_fallback=args.answer_line_fallback,
         reward_workers=args.reward_workers, save_responses=args.save_responses,
@@ -130,7 +156,10 @@ def _run(args) -> int:
     from dasd_megatron.eval.serving import ServeOptions, check_model_path, served_model, tokenizer_source
 
     data_dir = resolve_data_dir(args.data_dir, args.hub)
-    print(f"benchmarks from {data_dir or 'the Hugging Face hub'}", file=sys.stderr)
+    if args.data is None or args.benchmarks:
+        print(f"benchmarks from {data_dir or 'the Hugging Face hub'}", file=sys.stderr)
+    if args.data is not None:
+        print(f"evaluation set {args.data}", file=sys.stderr)
 
     def finish(result) -> int:
         print(format_summary(result.metrics))

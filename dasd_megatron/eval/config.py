@@ -5,7 +5,9 @@ the last `\\boxed{}` checked with math-verify. `max_new_tokens` (32768, room for
 
 Fields that change what is generated or how it is scored are the *identity* of a run (`identity()`): a rerun into
 the same output folder must match them, so that resumed records and new ones belong to one experiment. The benchmark
-selection, `limit`, concurrency and bookkeeping options are not part of it (a rerun may widen `--limit`).
+selection (custom evaluation sets included), `limit`, concurrency and bookkeeping options are not part of it (a rerun
+may widen `--limit` or add a set); records are matched to problems by their text's hash, so a changed data file is
+caught anyway.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from dasd_megatron.config import config_error
-from dasd_megatron.data import PromptConfig
-from dasd_megatron.eval.benchmarks import ALL_BENCHMARKS, parse_benchmarks
+from dasd_megatron.data import DataConfig, PromptConfig
+from dasd_megatron.eval.benchmarks import ALL_BENCHMARKS, custom_key, parse_benchmarks
 from dasd_megatron.eval.passk import check_ks, default_ks
 
 _S = "eval"
@@ -38,6 +40,10 @@ class EvalConfig:
     """What is evaluated: the checkpoint path as given (made absolute), or the served model's name. Part of the
     run's identity; informational otherwise."""
     benchmarks: tuple[str, ...] = ALL_BENCHMARKS
+    """Built-in benchmarks (any of `ALL_BENCHMARKS`); may be empty when `data` names an evaluation set."""
+    data: tuple[DataConfig, ...] = ()
+    """Custom evaluation sets (`dasd eval --data`, see `benchmarks.custom_data_config`), each evaluated as one more
+    benchmark named `DataConfig.name`, after the built-in ones."""
     n_samples: int = 16
     temperature: float = 0.6
     top_p: float = 0.95
@@ -61,7 +67,19 @@ class EvalConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "benchmarks", parse_benchmarks(list(self.benchmarks)))
+        data = tuple(self.data)
+        for d in data:
+            if not isinstance(d, DataConfig) or not d.name:
+                raise config_error(f"{_S}.data", d, "each evaluation set must be a DataConfig with a name",
+                                   "build it with benchmarks.custom_data_config(source, ...)")
+            custom_key(d.source, d.name)  # a valid name that is not a built-in benchmark's
+        names = [d.name for d in data]
+        if len(set(names)) != len(names):
+            raise config_error(f"{_S}.data", names, "two evaluation sets have the same name",
+                               "give each its own name (--data-name)")
+        object.__setattr__(self, "data", data)
+        benchmarks = list(self.benchmarks)
+        object.__setattr__(self, "benchmarks", parse_benchmarks(benchmarks) if benchmarks or not data else ())
         _positive_int("n_samples", self.n_samples, "use e.g. 16 (METHOD.md's Avg@16)")
         _positive_int("max_new_tokens", self.max_new_tokens, "use e.g. 32768 for thinking models")
         _positive_int("concurrency", self.concurrency, "use e.g. 32 on GPUs, 2-4 on a CPU server")
@@ -88,6 +106,11 @@ class EvalConfig:
                 raise config_error(f"{_S}.pass_k", self.pass_k, str(e), "leave it unset for powers of two") from None
         if not isinstance(self.prompt, PromptConfig):
             raise config_error(f"{_S}.prompt", self.prompt, "must be a PromptConfig", "build it with PromptConfig()")
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        """Every evaluation set's key, in report order: the selected benchmarks, then the custom sets."""
+        return self.benchmarks + tuple(d.name for d in self.data)
 
     @property
     def ks(self) -> tuple[int, ...]:

@@ -6,7 +6,7 @@
     result.metrics["macro"]["avg_at_n"]
 
 Flow: the run's identity is written to (or checked against) `run_dir/eval_config.json`; each benchmark's problems
-are loaded and those already in `run_dir/records/<benchmark>.jsonl` are skipped (resume); the others go to the
+(and those of each custom evaluation set, `EvalConfig.data`, which is one more benchmark from here on) are loaded and those already in `run_dir/records/<benchmark>.jsonl` are skipped (resume); the others go to the
 generator, `concurrency` problems at a time, each with its own seed (`generation.problem_seed`). As a problem's
 samples arrive they are decoded, scored in the reward pool (`dasd_megatron.reward.RewardScorer`, answers from the
 last `\\boxed{}`, math-verify against the gold; an answer-less response is `unparseable` and counts as wrong) and
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dasd_megatron.data import MathExample, student_prompt
-from dasd_megatron.eval.benchmarks import get_benchmark, gold_json, load_benchmark, problem_hash
+from dasd_megatron.eval.benchmarks import display_name, gold_json, load_benchmark, load_custom, problem_hash
 from dasd_megatron.eval.config import EvalConfig
 from dasd_megatron.eval.errors import EvalError, EvalIncomplete
 from dasd_megatron.eval.generation import (Completion, GenerationRequest, Generator, problem_seed, sampling_config,
@@ -106,7 +106,10 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def _load_selection(cfg: EvalConfig, data_dir: Optional[str]) -> dict[str, list[MathExample]]:
-    return {key: list(load_benchmark(key, data_dir, cfg.limit).examples) for key in cfg.benchmarks}
+    selection = {key: list(load_benchmark(key, data_dir, cfg.limit).examples) for key in cfg.benchmarks}
+    for data in cfg.data:
+        selection[data.name] = list(load_custom(data, cfg.limit).examples)
+    return selection
 
 
 def _recorded(run_dir: str, key: str, examples: Sequence[MathExample]) -> dict[int, dict]:
@@ -159,15 +162,23 @@ def run_eval(cfg: EvalConfig, generator: Optional[Generator], tokenizer: Any, ru
         _generate_and_record(cfg, generator, tokenizer, run_dir, todo, total, resumed, progress)
         done = {key: _recorded(run_dir, key, exs) for key, exs in selection.items()}
     records = {key: [done[key][ex.index] for ex in exs] for key, exs in selection.items()}
-    metrics = run_metrics(records, cfg.ks, order=cfg.benchmarks)
+    metrics = run_metrics(records, cfg.ks, order=cfg.sets)
     metrics["settings"] = {**cfg.identity(), "benchmarks": list(cfg.benchmarks), "limit": cfg.limit,
                            "data_dir": data_dir, "pass_k": list(cfg.ks)}
+    if cfg.data:
+        metrics["settings"]["data"] = [_data_settings(d) for d in cfg.data]
     write_json(Path(run_dir) / METRICS_FILE, metrics)
     if report:
         from dasd_megatron.eval.report import write_report
 
         write_report([(Path(run_dir).name, metrics)], run_dir)
     return EvalResult(run_dir, metrics, generated=len(todo), resumed=resumed)
+
+
+def _data_settings(data) -> dict:
+    """Where a custom evaluation set came from and how it was read (stored in metrics.json's settings)."""
+    fields = ("name", "source", "split", "subset", "schema", "problem_field", "answer_field", "solution_field")
+    return {f: getattr(data, f) for f in fields if getattr(data, f) is not None}
 
 
 def _generate_and_record(cfg: EvalConfig, generator: Generator, tokenizer: Any, run_dir: str, todo: list[_Task],
@@ -242,7 +253,7 @@ def _generate_and_record(cfg: EvalConfig, generator: Generator, tokenizer: Any, 
         task, err = failures[0]
         left = total - resumed - generated
         raise EvalIncomplete(
-            f"generation failed for {len(failures)} problem(s) (first: {get_benchmark(task.benchmark).name} problem "
+            f"generation failed for {len(failures)} problem(s) (first: {display_name(task.benchmark)} problem "
             f"{task.example.index}: {type(err).__name__}: {err}). {resumed + generated} of {total} problems are "
             f"recorded in {Path(run_dir) / 'records'}; {left} remain. Fix: if a server died, bring it back (or pass "
             "other servers); if the request itself was refused (e.g. a prompt longer than the model's context), "
@@ -255,7 +266,7 @@ def format_summary(metrics: dict) -> str:
     lines = []
     for key, m in metrics["benchmarks"].items():
         kmax = max(m["pass_at_k"], key=int)
-        lines.append(f"{get_benchmark(key).name:14s} {m['problems']:4d} problems  Avg@{m['n']} {m['avg_at_n']:6.2f}  "
+        lines.append(f"{display_name(key):14s} {m['problems']:4d} problems  Avg@{m['n']} {m['avg_at_n']:6.2f}  "
                      f"Pass@{kmax} {m['pass_at_k'][kmax]:6.2f}  unparseable {m['unparseable_pct']:5.1f}%  "
                      f"len {m['mean_length']:8.1f}")
     macro = metrics["macro"]
