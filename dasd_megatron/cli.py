@@ -6,6 +6,7 @@
     dasd eval --model M --output DIR [...]               Avg@n / Pass@k on the six DASD benchmarks
     dasd eval-report RUN_A [RUN_B]                       Markdown + Pass@k plots, side by side
     dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
+    dasd export RUN_DIR [--step N] [--out DIR] [--teacher]   the trained policy (or teacher) as a HF folder
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
 
 Overrides are dotted config fields, e.g. `parallel.tensor=2 model.hf_config=/path/to/hf_model`. With `--nproc N`
@@ -209,6 +210,24 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A run's newest (or `--step`) checkpoint, or any checkpoint folder, -> a Hugging Face folder."""
+    from dasd_megatron.model.convert import export_summary, run_export
+    from dasd_megatron.model.hf_mapping import ConversionError
+
+    logging.getLogger("dasd_megatron").setLevel(logging.WARNING)
+    try:
+        stats = run_export(args.path, args.out, step=args.step, teacher=args.teacher, dtype=args.dtype,
+                           hf_config=args.hf_config, overwrite=args.overwrite)
+    except ConversionError as e:
+        print(f"dasd export: error: {e}", file=sys.stderr)
+        return 2
+    print(export_summary(stats))
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({stats['out_dir']!r}); evaluate it: "
+          f"dasd eval --model {stats['out_dir']} --output runs/eval/NAME")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dasd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--world-size", type=int, required=True)
     v.add_argument("overrides", nargs="*")
     v.set_defaults(func=cmd_validate)
+    e = sub.add_parser("export", help="a run's trained policy (or teacher) -> a Hugging Face folder",
+                       description="Export the newest (or --step) checkpoint of a run, or a checkpoint folder, as a "
+                                   "Hugging Face folder (safetensors, config, tokenizer) that transformers, SGLang "
+                                   "and `dasd eval` load. Default output: RUN_DIR/export/step_N (-teacher).")
+    e.add_argument("path", metavar="RUN_DIR", help="a run folder, or a checkpoint folder (RUN_DIR/checkpoints/step_N)")
+    e.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    e.add_argument("--out", help="output folder (default: RUN_DIR/export/step_N)")
+    e.add_argument("--teacher", action="store_true", help="export the EMA/frozen teacher instead of the policy")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="output dtype (default: the checkpoint's)")
+    e.add_argument("--hf-config", help="HF folder for config/tokenizer (default: the checkpoint's own)")
+    e.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    e.set_defaults(func=cmd_export)
     from dasd_megatron.launch.cli import add_submit_parser
 
     add_submit_parser(sub)

@@ -103,8 +103,9 @@ def assert_bytes_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         assert torch.equal(gb, wb), f"{what}: {k}: bytes differ ({(gb != wb).sum().item()} of {wb.numel()})"
 
 
-def megatron_logits(ckpt: str, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
-    """fp32 logits [B, S, V] of an imported checkpoint (model built from `ckpt/hf`), run inside a gloo worker.
+def megatron_logits(ckpt: str, ids: torch.Tensor, tp: int = 1, teacher: bool = False) -> torch.Tensor:
+    """fp32 logits [B, S, V] of a checkpoint (imported, or written by training; `teacher` reads a training
+    checkpoint's teacher), built from its `hf/` config and run inside a gloo worker.
 
     megatron's GPTModel returns vocabulary-parallel logits [B, S, Vpad/tp]: they are all-gathered over the TP
     group and the padding columns dropped. Every rank returns the full tensor.
@@ -112,15 +113,11 @@ def megatron_logits(ckpt: str, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from dasd_megatron.model.builder import build_model
-    from dasd_megatron.model.hf_config import load_hf_architecture
-    from dasd_megatron.train.checkpoint import load_model
-    from tools.convert_hf import _checkpoint_dtype, _run_config, parallel_session
+    from dasd_megatron.model.convert import load_checkpoint_model, parallel_session, resolve_checkpoint
 
-    arch = load_hf_architecture(f"{ckpt}/hf")
     with parallel_session(tp, 1):
-        model = build_model(_run_config(f"{ckpt}/hf", _checkpoint_dtype(ckpt), tp, 1, 128), arch).eval()
-        load_model(model, ckpt)
+        model, arch = load_checkpoint_model(resolve_checkpoint(ckpt, teacher=teacher), tp, 1)
+        model.eval()
         b, s = ids.shape
         with torch.no_grad():
             out = model(ids, torch.arange(s).expand(b, -1), None).float()

