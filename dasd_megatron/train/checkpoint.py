@@ -55,6 +55,11 @@ CKPT_PREFIX = "step_"
 META = "dasd_meta.json"  # written last: its presence marks a complete checkpoint
 TEACHER_DIR = "teacher"
 HF_DIR = "hf"  # config.json + tokenizer of the trained model
+# The distributed optimizer's state format (megatron-core; Megatron-LM's default): one sharded tensor per DP-local
+# buffer, saved and loaded with no gather. Its default ('fully_sharded_model_space') cannot be saved by
+# megatron-core 0.16 ("ShardedTensor.flattened_range is not supported"). A resume may change the DP size, not TP/PP.
+# Ignored by the plain (non-distributed) optimizer, whose state is stored per parameter and reloads at any layout.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _step_dir(root: str, step: int) -> str:
@@ -98,7 +103,7 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2,
                              teacher=None, hf_dir: str | None = None) -> str:
-    """Save model, optimizer (sharded, any layout can load it), every rank's RNG and the loop `state` (JSON:
+    """Save model (any layout can load it), optimizer (sharded; see OPTIM_METADATA), every rank's RNG and the loop `state` (JSON:
     step, data position, ...) as `root/step_XXXXXXXX`, atomically. A separate `teacher` model (train.teacher=frozen
     or ema) goes into its own distributed checkpoint in the `teacher` subfolder. `hf_dir`'s config and tokenizer
     files are copied into `hf/`, so the checkpoint exports and serves on its own (`dasd export`, `dasd eval`).
@@ -120,7 +125,7 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     dist.barrier()
     inner = inner_module(model)
     model_sd = inner.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)}
     dist_checkpointing.save(sharded, tmp)
     if teacher is not None:
         if rank == 0:
@@ -145,6 +150,55 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     return final
 
 
+def _torch_adam_distributed(optimizer) -> list:
+    """The sub-optimizers that are megatron DistributedOptimizers around a plain torch Adam (no TE/Apex fused
+    Adam: CPU machines, a GPU image without TE), with their index among the chained optimizers."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [(i, opt) for i, opt in enumerate(subs)
+            if hasattr(opt, "model_param_gbuf_map") and type(getattr(opt, "optimizer", None)) in (torch.optim.Adam,
+                                                                                                  torch.optim.AdamW)]
+
+
+def _fill_empty_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's inner torch Adam zero state with a `step` entry.
+
+    megatron-core's `DistributedOptimizer.state_dict()` (called by `sharded_state_dict(is_loading=True)`) reads
+    Adam's `step` from the inner torch optimizer's state and asserts there is exactly one value: a fresh optimizer
+    has none (its own `init_state_fn` adds the moments but no step). The checkpoint overwrites the moments and the
+    parameters; the step is set by `_restore_adam_step`."""
+    for _, opt in _torch_adam_distributed(optimizer):
+        inner = opt.optimizer
+        if inner.state:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                                  "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _loaded_adam_steps(optimizer, loaded: dict) -> dict:
+    """Adam's step count per distributed sub-optimizer, as the checkpoint stored it (in its param groups)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    steps = {}
+    for i, _ in _torch_adam_distributed(optimizer):
+        sd = loaded if len(subs) == 1 else loaded[i]
+        values = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
+        if len(values) == 1:
+            steps[i] = float(values.pop())
+    return steps
+
+
+def _restore_adam_step(optimizer, steps: dict) -> None:
+    """Set the inner torch Adam's step after `load_state_dict`: megatron-core's dp_reshardable loader copies each
+    parameter's `step` from the tensors of the load request (the placeholders of `_fill_empty_adam_state`) over the
+    value it had just read from the checkpoint's param groups, so a resumed run would restart Adam's bias
+    correction at step 0."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    for i, step in steps.items():
+        for state in subs[i].optimizer.state.values():
+            state["step"] = torch.tensor(step)
+
+
 def load_training_checkpoint(root: str, model, optimizer, step: int | None = None, teacher=None) -> dict | None:
     """Restore the newest (or the given) complete checkpoint under `root`; returns its loop state, or None when
     there is none. RNG states are restored per rank when the world size is unchanged. `teacher` (a separate teacher
@@ -161,10 +215,15 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
     _, path = ckpts[-1]
     inner = inner_module(model)
     model_sd = inner.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    _fill_empty_adam_state(optimizer)
+    sharded = {"model": model_sd,
+               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)}
     state = dist_checkpointing.load(sharded, path)
     inner.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    adam_steps = _loaded_adam_steps(optimizer, state["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters that require grad
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_step(optimizer, adam_steps)
     if teacher is not None:
         tdir = os.path.join(path, TEACHER_DIR)
         if not dist_checkpointing.check_is_distributed_checkpoint(tdir):
