@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -391,10 +392,12 @@ def load_weights(model, src: CheckpointSource) -> None:
 
     inner = inner_module(model)
     sharded = inner.sharded_state_dict()
-    if src.model_key is None:
-        state = dist_checkpointing.load(sharded, src.weights_dir)
-    else:
-        state = dist_checkpointing.load({src.model_key: sharded}, src.weights_dir)[src.model_key]
+    with warnings.catch_warnings():  # torch's deprecation notices about the APIs megatron's reader uses
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron)\.")
+        if src.model_key is None:
+            state = dist_checkpointing.load(sharded, src.weights_dir)
+        else:
+            state = dist_checkpointing.load({src.model_key: sharded}, src.weights_dir)[src.model_key]
     inner.load_state_dict(state)
 
 
