@@ -78,6 +78,8 @@ def test_hub_ids_are_checked_offline_only(data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds_cache"))
     (tmp_path / "ds_cache" / "openai___gsm8k").mkdir(parents=True)  # what `datasets` leaves after a download
     assert check_paths(cfg("data.source=openai/gsm8k")) == []
+    (tmp_path / "ds_cache" / "BytedTsinghua-SIA___dapo-math-17k").mkdir()  # datasets' snake-cased folder name
+    assert check_paths(cfg("data.source=BytedTsinghua-SIA/DAPO-Math-17k")) == []
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # online: a hub id is not looked up (no network call here)
     assert check_paths(cfg("data.source=someone/uncached")) == []
     with pytest.raises(ConfigError, match=r"data.source='a/b/c': neither an existing local path nor a Hugging Face "

@@ -142,15 +142,16 @@ def _check_hub_id(field: str, value: str, kind: str) -> None:
 
 
 def _hub_dataset_cached(repo_id: str, cache_dir: Optional[str]) -> bool:
-    """Whether `datasets` has anything for `repo_id` offline: its own cache folder, or the hub cache's snapshot."""
+    """Whether `datasets` has anything for `repo_id` offline: its own cache folder (named as `datasets` names it,
+    `openai___gsm8k`, `BytedTsinghua-SIA___dapo-math-17k`), or the hub cache's snapshot."""
+    from datasets.naming import camelcase_to_snakecase
     from huggingface_hub import constants
 
     datasets_cache = cache_dir or os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
     parts = repo_id.split("/")
+    cached = "___".join(parts[:-1] + [camelcase_to_snakecase(parts[-1])])
     hub_dir = os.path.join(constants.HF_HUB_CACHE, "datasets--" + "--".join(parts))
-    return any(os.path.isdir(d) for d in (os.path.join(os.path.expanduser(datasets_cache), "___".join(parts)),
-                                            os.path.join(os.path.expanduser(datasets_cache), "___".join(parts).lower()),
-                                            hub_dir))
+    return os.path.isdir(os.path.join(os.path.expanduser(datasets_cache), cached)) or os.path.isdir(hub_dir)
 
 
 def _check_data(field: str, value: str, split_field: str, data_cfg, on_cluster: bool, warnings: list[str]) -> None:
