@@ -180,3 +180,40 @@ def test_cli_errors_are_one_line_before_any_server(model_dir, tmp_path, capsys):
     assert main([*base, "--data", str(bad)]) == 2  # columns that no schema knows: say how to map them
     assert "Fix: set data.schema=plain with data.problem_field=<column>" in capsys.readouterr().err
     assert not (tmp_path / "o" / "server_logs").exists()  # no server was started
+
+
+def test_training_prompt_and_reward_settings(aime, tmp_path):
+    """`--instruction` reaches the prompt and `--last-number-fallback` the scorer: a model trained like the main
+    job (asked for "just the number", rewarded on the last number) is evaluated the way it was trained."""
+    from dasd_megatron.eval.cli import _config
+    from dasd_megatron.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--output", str(tmp_path / "x"), "--data", "f.jsonl",
+                                      "--instruction", "Reply with just the number.", "--last-number-fallback"])
+    cfg = _config(args, "m")
+    assert cfg.prompt.instruction == "Reply with just the number." and cfg.last_number_fallback
+    assert cfg.identity()["prompt"]["instruction"] == "Reply with just the number."
+    assert "instruction" not in _config(build_parser().parse_args(
+        ["eval", "--model", "m", "--output", "o", "--data", "f.jsonl"]), "m").identity()["prompt"]
+
+    tok = byte_tokenizer()
+    golds = {ex.problem: ex.answer for ex in aime}
+    seen = []
+
+    def respond(req, j):  # the gold number, unboxed, at the end of a sentence
+        prompt = tok.decode(list(req.prompt_ids))
+        seen.append(prompt)
+        return f"I think it is {next(g for p, g in golds.items() if p in prompt)}"
+
+    def evaluate(out, **kw):
+        cfg = EvalConfig(model="scripted", benchmarks=("aime24",), n_samples=1, limit=3, concurrency=2,
+                         reward_workers=1, **kw)
+        return run_eval(cfg, ScriptedGenerator(tok, respond), tok, str(out), data_dir=str(DATA), progress=False)
+
+    from dasd_megatron.data import PromptConfig
+
+    boxed_only = evaluate(tmp_path / "boxed").metrics["benchmarks"]["aime24"]
+    assert boxed_only["avg_at_n"] == 0 and "Reply with just the number." not in seen[-1]
+    last = evaluate(tmp_path / "last", last_number_fallback=True,
+                    prompt=PromptConfig(instruction="Reply with just the number.")).metrics["benchmarks"]["aime24"]
+    assert last["avg_at_n"] == 100 and "?\n\nReply with just the number.<|im_end|>" in seen[-1]

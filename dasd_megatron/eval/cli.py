@@ -50,7 +50,8 @@ def add_eval_parsers(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate")
     src = what.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF model folder or Megatron checkpoint folder to serve and evaluate")
+    src.add_argument("--model", help="HF model folder, training run folder (its newest checkpoint), or checkpoint "
+                                     "folder to serve and evaluate")
     src.add_argument("--server-url", action="append", help="a running SGLang-compatible server (repeatable)")
     what.add_argument("--tokenizer", help="tokenizer folder (default: the model's HF folder / the server's model)")
     what.add_argument("--model-name", help="the model's name in the run identity (default: --model's path, or the "
@@ -81,12 +82,17 @@ def add_eval_parsers(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--pass-k", type=_csv_ints, help="k values of Pass@k (default: powers of two up to n)")
     s.add_argument("--system-prompt", help="system message before the problem")
+    s.add_argument("--instruction", help="the request after the problem (as training's data.prompt.instruction; "
+                                         "default: think step by step and box the answer)")
     s.add_argument("--enable-thinking", choices=("true", "false"),
                    help="passed to the chat template (Qwen3); default: the template's default")
     s.add_argument("--chat-template", choices=("auto", "plain"), default="auto")
     sc = p.add_argument_group("scoring")
     sc.add_argument("--answer-line-fallback", action="store_true",
                     help="also accept a last 'Answer: ...' line when there is no \\boxed{} (off by default)")
+    sc.add_argument("--last-number-fallback", action="store_true",
+                    help="then also accept the response's last number (as training's reward.last_number_fallback; "
+                         "the main job's recipe uses it)")
     sc.add_argument("--reward-workers", type=int, default=2, help="math-verify worker processes")
     sc.add_argument("--save-responses", action="store_true", help="store each response's text in the records")
     sv = p.add_argument_group("serving")
@@ -128,8 +134,9 @@ def _config(args, model_name: str):
         model=model_name, benchmarks=benchmarks, data=data, n_samples=args.n_samples, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, pass_k=args.pass_k,
         limit=args.limit, concurrency=args.concurrency, answer_line_fallback=args.answer_line_fallback,
+        last_number_fallback=args.last_number_fallback,
         reward_workers=args.reward_workers, save_responses=args.save_responses,
-        prompt=PromptConfig(system_prompt=args.system_prompt, enable_thinking=thinking,
+        prompt=PromptConfig(system_prompt=args.system_prompt, enable_thinking=thinking, instruction=args.instruction,
                             chat_template=args.chat_template),
     )
 

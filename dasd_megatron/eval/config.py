@@ -60,6 +60,9 @@ class EvalConfig:
     """Problems whose samples are generated at the same time."""
     answer_line_fallback: bool = False
     """Also accept a last `Answer: ...` line when a response has no `\\boxed{}` (off: METHOD.md scores boxes)."""
+    last_number_fallback: bool = False
+    """Then also accept the response's last number (off; a small model trained with `reward.last_number_fallback`,
+    like the main job's, is evaluated the way it was rewarded)."""
     reward_workers: int = 2
     reward_timeout_s: float = 10.0
     save_responses: bool = False
@@ -122,6 +125,8 @@ class EvalConfig:
             "model": self.model, "n_samples": self.n_samples, "temperature": float(self.temperature),
             "top_p": float(self.top_p), "top_k": self.top_k, "max_new_tokens": self.max_new_tokens,
             "seed": self.seed, "answer_line_fallback": self.answer_line_fallback,
+            **({"last_number_fallback": True} if self.last_number_fallback else {}),
             "prompt": {k: v for k, v in asdict(self.prompt).items()
-                       if k in ("system_prompt", "chat_template", "enable_thinking")},
+                       if k in ("system_prompt", "chat_template", "enable_thinking")
+                       or (k == "instruction" and v is not None)},
         }

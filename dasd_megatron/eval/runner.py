@@ -191,7 +191,8 @@ def _generate_and_record(cfg: EvalConfig, generator: Generator, tokenizer: Any, 
     counts = {"problems": 0, "samples": 0, "correct": 0, "unparseable": 0}
     t0 = time.monotonic()
     scorer = RewardScorer(RewardConfig(num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s,
-                                       answer_line_fallback=cfg.answer_line_fallback))
+                                       answer_line_fallback=cfg.answer_line_fallback,
+                                       last_number_fallback=cfg.last_number_fallback))
     pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="eval-gen")
     bar = _progress(total, resumed, progress)
     pending: dict[Future, _Task] = {}
