@@ -3,7 +3,7 @@
     dasd train [--recipe R] [--nproc N] [key=value ...]  DASD training (rollouts, rewards, DASD step, weight sync)
     dasd smoke [--nproc N] [--steps K] [key=value ...]   train the policy model a few steps at a parallel layout
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
-    dasd eval --model M --output DIR [...]               Avg@n / Pass@k on the six DASD benchmarks
+    dasd eval --model M --output DIR [--data D] [...]    Avg@n / Pass@k on the six DASD benchmarks or your own set
     dasd eval-report RUN_A [RUN_B]                       Markdown + Pass@k plots, side by side
     dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
     dasd export RUN_DIR [--step N] [--out DIR] [--teacher]   the trained policy (or teacher) as a HF folder
