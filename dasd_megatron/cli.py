@@ -49,6 +49,7 @@ def _resolve(args) -> RunConfig:
 
 def _relaunch_under_torchrun(nproc: int) -> int:
     """Run this same command under torchrun with `nproc` local processes."""
+    import signal
     import subprocess
 
     from dasd_megatron.testing.distributed import free_port
@@ -63,8 +64,36 @@ def _relaunch_under_torchrun(nproc: int) -> int:
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "-m", "dasd_megatron.cli", *argv]
+    # The ranks exit when this process or torchrun's agent is gone, whatever killed it (SIGKILL included; torchrun
+    # starts them in sessions of their own, out of reach of a signal to our process group): see launch/orphans.py
+    from dasd_megatron.launch.orphans import LAUNCHER_PID_ENV
+
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):  # `kill <our pid>`: torchrun stops its ranks cleanly, then we return its status
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): give it time to stop the ranks
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its ranks follow it (PR_SET_PDEATHSIG)
+            proc.wait()
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _resolve_train(args) -> RunConfig:

@@ -88,6 +88,9 @@ def env_world_size() -> int:
 
 def initialize_parallel(cfg: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelContext:
     """Initialise torch.distributed (if not yet) and megatron's parallel state for `cfg`."""
+    from dasd_megatron.launch.orphans import install_launcher_watch
+
+    install_launcher_watch()  # a torchrun rank exits when its launcher is gone (no orphans holding GPUs and ports)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -91,6 +91,8 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
+    #: sent as ``Authorization: Bearer <key>``; None: from the environment (``DASD_ROLLOUT_API_KEY``, its ``_FILE``,
+    #: or the run folder's key, see `sglang_rollout.auth`); "": send none
     api_key: Optional[str] = None
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0

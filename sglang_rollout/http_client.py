@@ -9,6 +9,12 @@ are classified for the retry logic above it:
 * `ProtocolError`  - a 2xx answer whose body is not the JSON it should be (not retryable: a broken server).
 
 All of them derive from `ServerError` and carry the server URL and endpoint in their message.
+
+API key: every request carries ``Authorization: Bearer <key>`` when the client has one. ``HttpClient()`` without
+``api_key`` finds it in the environment (``DASD_ROLLOUT_API_KEY``, ``DASD_ROLLOUT_API_KEY_FILE``, or the run folder's
+``rollout_api_key`` via ``DASD_RUN_DIR``; see `sglang_rollout.auth`), so code that builds clients needs no change when
+the servers require a key; ``api_key=""`` sends none. A 401 re-reads the key (it may have been made or rotated since)
+and retries once with the new one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import urlencode, urlsplit
+
+from sglang_rollout.auth import API_KEY_ENV, API_KEY_FILE_ENV, AuthError, key_from_env
 
 __all__ = [
     "HttpClient",
@@ -89,7 +97,9 @@ class HttpClient:
 
     def __init__(self, *, api_key: Optional[str] = None, connect_timeout_s: float = 5.0,
                  on_request: Optional[Callable[[str, str, str, Any], None]] = None):
-        self.api_key = api_key
+        #: None: from the environment (see module docstring), now and again after a 401; "": never send a key
+        self._key_from_env = api_key is None
+        self.api_key = _env_key() if api_key is None else api_key
         self.connect_timeout_s = connect_timeout_s
         #: called as on_request(url, method, path, body) with the body exactly as encoded (tests record it)
         self.on_request = on_request
@@ -130,38 +140,20 @@ class HttpClient:
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         if self.on_request is not None:
             self.on_request(url, method, path, None if data is None else json.loads(data))
-        for fresh in (False, True):
-            conn, reused = self._conn(parts.netloc, fresh)
-            connecting = conn.sock is None
-            try:
-                if connecting:
-                    conn.connect()
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    connecting = False
-                conn.sock.settimeout(timeout_s)
-                conn.request(method, target, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-                status, ctype = resp.status, resp.getheader("Content-Type", "")
-                if resp.will_close:
-                    self._drop(parts.netloc)
-                break
-            except socket.timeout:
-                self._drop(parts.netloc)
-                if connecting:
-                    raise ConnectError(url, path, f"connect timed out after {self.connect_timeout_s}s") from None
-                raise RequestTimeout(url, path, f"no response within the {timeout_s}s timeout") from None
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
-                self._drop(parts.netloc)
-                # A pooled keep-alive connection the server already closed: retry once on a fresh one.
-                if reused and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
-                                             ConnectionResetError)):
-                    continue
-                raise ConnectError(url, path, f"{type(e).__name__}: {e}") from None
+        status, ctype, raw = self._send(url, parts.netloc, method, path, target, data, headers, timeout_s)
+        if status == 401 and self._key_from_env:  # the key may have been made (or rotated) since we read it
+            key = _env_key()
+            if key and key != self.api_key:
+                self.api_key = key
+                status, ctype, raw = self._send(url, parts.netloc, method, path, target, data, headers, timeout_s)
+        if status == 401:
+            raise HTTPStatusError(url, path, status, f"{_error_message(raw)}: "
+                                  + ("the key this client sent was refused" if self.api_key else
+                                     "the server requires an API key and this client has none")
+                                  + f". Fix: give the client the servers' key ({API_KEY_ENV}, or {API_KEY_FILE_ENV} "
+                                    "pointing at the run folder's rollout_api_key)")
         if not 200 <= status < 300:
             raise HTTPStatusError(url, path, status, _error_message(raw))
         if not raw.strip():
@@ -173,3 +165,46 @@ class HttpClient:
                 raise ProtocolError(url, path, f"malformed JSON in a {status} response ({e}): "
                                     f"{raw[:200]!r}") from None
         return Response(status, raw.decode("utf-8", "replace"), raw)
+
+    def _send(self, url: str, netloc: str, method: str, path: str, target: str, data: Optional[bytes],
+              headers: dict, timeout_s: float) -> tuple[int, str, bytes]:
+        """One exchange on a pooled connection: (status, content type, body); connection failures raise."""
+        headers = dict(headers)
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for fresh in (False, True):
+            conn, reused = self._conn(netloc, fresh)
+            connecting = conn.sock is None
+            try:
+                if connecting:
+                    conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    connecting = False
+                conn.sock.settimeout(timeout_s)
+                conn.request(method, target, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                if resp.will_close:
+                    self._drop(netloc)
+                return resp.status, resp.getheader("Content-Type", ""), raw
+            except socket.timeout:
+                self._drop(netloc)
+                if connecting:
+                    raise ConnectError(url, path, f"connect timed out after {self.connect_timeout_s}s") from None
+                raise RequestTimeout(url, path, f"no response within the {timeout_s}s timeout") from None
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                self._drop(netloc)
+                # A pooled keep-alive connection the server already closed: retry once on a fresh one.
+                if reused and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
+                                             ConnectionResetError)):
+                    continue
+                raise ConnectError(url, path, f"{type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")  # the fresh attempt either returns or raises
+
+
+def _env_key() -> Optional[str]:
+    """The key from the environment (see `sglang_rollout.auth.key_from_env`); a broken key file is an error."""
+    try:
+        return key_from_env()
+    except AuthError as e:
+        raise AuthError(f"rollout client: {e}") from None

@@ -13,22 +13,37 @@ connection errors in the rollout client, which retries them (same `rid`): that i
 A restarted server loads `current_model_path` (the folder of the last disk sync, see `set_weights`) with its
 weight version, so it does not silently serve stale weights; with the tensor/distributed transports, register
 `on_restart` to re-sync it.
+
+No orphans: every server gets ``DASD_PARENT_PID`` (this process). The built-in server watches that pid and exits
+when it is gone; SGLang does not, so it runs under `sglang_rollout.supervise`, which stops its whole process tree
+when this process is gone (killed by any signal, SIGKILL included).
+
+API key (see `sglang_rollout.auth`): a server bound beyond loopback always has one — `ServerConfig.api_key`, else the
+environment's (``DASD_ROLLOUT_API_KEY``/``_FILE``, the run folder's key), else a fresh key that the manager exports
+to this process's environment so every `HttpClient` built here sends it (`ServerManager.api_key` has it too). It never goes on a command line: the built-in server gets
+it in its environment, SGLang as ``--config <private dir>/...yaml`` (mode 0600; SGLang's own ``--config``, merged
+in-process). Log files are created with mode 0600 (some SGLang versions log their arguments, the key included).
+Loopback-only servers get a key only when one is configured.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from sglang_rollout import auth
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient
+from sglang_rollout.supervise import supervise_argv
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +70,7 @@ class ServerConfig:
     tp_size: int = 1
     mem_fraction_static: Optional[float] = None
     enable_memory_saver: bool = False
+    #: the server's API key (never put on its command line); None: see the module docstring
     api_key: Optional[str] = None
     log_file: Optional[str] = None
     #: GPUs of this server (CUDA_VISIBLE_DEVICES); None = inherit
@@ -106,8 +122,13 @@ class ManagerConfig:
 
 
 def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_path: Optional[str] = None,
-                   weight_version: Optional[str] = None) -> list[str]:
-    """The command line that launches `cfg` (a restart passes the current weights' folder and version)."""
+                   weight_version: Optional[str] = None, sglang_config: Optional[str] = None) -> list[str]:
+    """The command line that launches `cfg` (a restart passes the current weights' folder and version).
+
+    It never holds the API key: the built-in server reads it from its environment, SGLang from `sglang_config`
+    (a YAML file from `auth.write_sglang_config`, passed as ``--config``). `ServerManager` runs SGLang's command
+    under `sglang_rollout.supervise`.
+    """
     module = "sglang.launch_server" if cfg.backend == "sglang" else "sglang_rollout.builtin_server"
     cmd = [python, "-m", module, "--model-path", model_path or cfg.model_path, "--host", cfg.host,
            "--port", str(cfg.port)]
@@ -117,8 +138,11 @@ def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_pat
             cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
         if cfg.enable_memory_saver:
             cmd += ["--enable-memory-saver"]
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
+    if sglang_config is not None:
+        if cfg.backend != "sglang":
+            raise ValueError("server_command: sglang_config is for backend='sglang' (the built-in server reads "
+                             f"${auth.API_KEY_ENV})")
+        cmd += ["--config", sglang_config]
     if weight_version is not None:
         cmd += ["--weight-version", weight_version]
     return cmd + list(cfg.extra_args)
@@ -133,6 +157,7 @@ class _Proc:
     log_handle: Optional[object] = None
     started_at: float = 0.0
     restarting: bool = False
+    api_key: Optional[str] = None
 
 
 class ServerManager:
@@ -151,6 +176,23 @@ class ServerManager:
         self.current_model_path: Optional[str] = None
         self.current_version: Optional[str] = None
         self.events: list[tuple[float, int, str]] = []  # (time, server index, what happened)
+        self._secrets_dir: Optional[str] = None
+        shared: list[str] = []
+        for p in self._procs:
+            p.api_key = p.cfg.api_key
+            if p.api_key is None and not auth.is_loopback(p.cfg.host):
+                if not shared:
+                    shared.append(auth.key_from_env() or self._new_exported_key())
+                p.api_key = shared[0]
+
+    @staticmethod
+    def _new_exported_key() -> str:
+        key = auth.new_key()
+        # clients built in this process (RolloutClient, ServerClient(url, HttpClient())) read it from here
+        os.environ[auth.API_KEY_ENV] = key
+        log.info("rollout servers listen beyond loopback: made an API key for this run (exported as $%s to this "
+                 "process; never on a command line)", auth.API_KEY_ENV)
+        return key
 
     # ---- public --------------------------------------------------------------------------------------------
 
@@ -158,9 +200,13 @@ class ServerManager:
     def urls(self) -> list[str]:
         return [p.cfg.url for p in self._procs]
 
+    @property
+    def api_key(self) -> Optional[str]:
+        """The servers' API key (None: they have none)."""
+        return next((p.api_key for p in self._procs if p.api_key), None)
+
     def clients(self, http: Optional[HttpClient] = None, timeout_s: float = 600.0) -> list[ServerClient]:
-        return [ServerClient(u, http or HttpClient(api_key=self._procs[0].cfg.api_key), timeout_s=timeout_s)
-                for u in self.urls]
+        return [ServerClient(u, http or HttpClient(api_key=self.api_key), timeout_s=timeout_s) for u in self.urls]
 
     def pid(self, index: int) -> Optional[int]:
         p = self._procs[index].popen
@@ -212,6 +258,9 @@ class ServerManager:
         with self._launch_lock:
             for p in self._procs:
                 self._kill(p)
+            if self._secrets_dir is not None:
+                shutil.rmtree(self._secrets_dir, ignore_errors=True)
+                self._secrets_dir = None
 
     def __enter__(self) -> "ServerManager":
         return self.start()
@@ -223,18 +272,30 @@ class ServerManager:
 
     def _launch(self, i: int) -> None:
         p = self._procs[i]
+        sglang = p.cfg.backend == "sglang"
         cmd = server_command(p.cfg, python=self.config.python, model_path=self.current_model_path,
-                             weight_version=self.current_version)
+                             weight_version=self.current_version,
+                             sglang_config=self._sglang_config(i, p.api_key) if sglang and p.api_key else None)
         env = dict(os.environ)
+        env.pop(auth.API_KEY_ENV, None)  # a server's key is exactly p.api_key
+        env.pop(auth.API_KEY_FILE_ENV, None)
         env.update(dict(p.cfg.env))
+        if p.api_key and not sglang:
+            env[auth.API_KEY_ENV] = p.api_key
         # servers run in their own session (a signal to the trainer's group does not reach them); the built-in
-        # server watches this pid and exits when the process that launched it is gone (killed trainer, no orphans)
+        # server watches this pid and exits when the process that launched it is gone (killed trainer, no orphans);
+        # SGLang runs under the supervise wrapper, which does that for it
         env[PARENT_PID_ENV] = str(os.getpid())
+        if sglang:
+            cmd = supervise_argv(cmd, python=self.config.python, grace_s=5.0)
         if p.cfg.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.cfg.gpu_ids))
         if p.cfg.log_file:
             os.makedirs(os.path.dirname(os.path.abspath(p.cfg.log_file)), exist_ok=True)
-            p.log_handle = open(p.cfg.log_file, "ab")
+            fd = os.open(p.cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if p.api_key:
+                os.fchmod(fd, 0o600)  # some SGLang versions log their arguments, the key among them
+            p.log_handle = os.fdopen(fd, "ab")
             out = p.log_handle
         else:
             out = subprocess.DEVNULL
@@ -243,6 +304,12 @@ class ServerManager:
         p.failed_checks = 0
         self.events.append((time.time(), i, f"launched pid {p.popen.pid}"))
         log.info("server %d: launched pid %d: %s", i, p.popen.pid, " ".join(cmd))
+
+    def _sglang_config(self, i: int, key: str) -> str:
+        """A private (0700 folder, 0600 file) SGLang --config file that sets the key; removed by `stop`."""
+        if self._secrets_dir is None:
+            self._secrets_dir = tempfile.mkdtemp(prefix="dasd-rollout-keys-")
+        return auth.write_sglang_config(os.path.join(self._secrets_dir, f"server_{i}.yaml"), key)
 
     def _kill(self, p: _Proc, sig_timeout_s: float = 10.0) -> None:
         proc = p.popen

@@ -19,11 +19,15 @@ class UpdateFailed(ServerError):
 
 
 class ServerClient:
-    """One server at `url`. `timeout_s` bounds control calls (weight loads can be slow: set it generously)."""
+    """One server at `url`. `timeout_s` bounds control calls (weight loads can be slow: set it generously).
 
-    def __init__(self, url: str, http: HttpClient, *, timeout_s: float = 600.0):
+    Every call goes through `http`, which sends the servers' API key (default: an `HttpClient` that takes the key
+    from the environment, see `sglang_rollout.auth`); only `/health` needs none.
+    """
+
+    def __init__(self, url: str, http: Optional[HttpClient] = None, *, timeout_s: float = 600.0):
         self.url = url.rstrip("/")
-        self.http = http
+        self.http = http if http is not None else HttpClient()
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:

@@ -7,6 +7,15 @@ the run folder once its ``/health`` answers (`dasd_megatron.launch.rendezvous`),
 exits, the others are stopped and the runner exits with that server's status; SIGTERM/SIGINT stop them all.
 
 The node index is ``--node-index``, else ``$SLURM_NODEID`` (relative to the het group's step), else 0.
+
+Security: the servers listen on every interface (``--host 0.0.0.0``), so they require the run's API key
+(`sglang_rollout.auth`): ``RUN/rollout_api_key``, mode 0600, made by the first node runner. It never goes on a command
+line: the built-in server gets it as ``$DASD_ROLLOUT_API_KEY``, SGLang as ``--config RUN/rollout_api_key.sglang.yaml``
+(mode 0600, merged by SGLang in-process); the trainer's clients read the key file through ``$DASD_RUN_DIR``. SGLang
+versions that log their arguments write the key to this runner's output (the job's log): keep that private.
+
+No orphans: SGLang runs under `sglang_rollout.supervise` and the built-in server watches ``$DASD_PARENT_PID``, so
+the servers stop when this runner is gone, even when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from typing import Optional
 from dasd_megatron.launch.checks import CONFIG_FILE, read_launch_record
 from dasd_megatron.launch.placement import RolloutPlacement
 from dasd_megatron.launch.rendezvous import ServerRecord, remove_records, write_record
+from sglang_rollout import auth
+from sglang_rollout.supervise import PARENT_PID_ENV, supervise_argv
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,36 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def launch_command(plan: ServerLaunch, *, run_dir: str, key: str, python: str = sys.executable,
+                   environ: Optional[dict] = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start `plan` with the run's API key (never in argv) and an orphan guard.
+
+    Built-in server: key in ``$DASD_ROLLOUT_API_KEY``, it watches ``$DASD_PARENT_PID`` itself. SGLang: key in
+    ``--config RUN/rollout_api_key.sglang.yaml``, run under `sglang_rollout.supervise`. Anything else runs under the
+    wrapper too, with the key in its environment.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.pop(auth.API_KEY_FILE_ENV, None)
+    env.update(dict(plan.env))
+    env[PARENT_PID_ENV] = str(os.getpid())
+    argv = list(plan.argv)
+    if "sglang_rollout.builtin_server" in argv:
+        env[auth.API_KEY_ENV] = key
+        return argv, env
+    env.pop(auth.API_KEY_ENV, None)
+    if "sglang.launch_server" in argv:
+        argv += ["--config", auth.write_sglang_config(os.path.join(run_dir, auth.SGLANG_CONFIG_NAME), key)]
+    else:
+        env[auth.API_KEY_ENV] = key
+    return supervise_argv(argv, python=python, parent_pid=os.getpid()), env
+
+
 def run_servers(plans: list[ServerLaunch], *, run_dir: str, host: str, node_index: int, tensor_parallel: int,
                 job_id: str = "", health_timeout: float = 1800.0, poll: float = 1.0) -> int:
     """Start `plans`, announce each when healthy, watch them; returns the exit status of the first that ends."""
     remove_records(run_dir, host)
+    key, key_path = auth.ensure_key_file(run_dir)
+    print(f"rollout node {node_index}: servers require the run's API key ({key_path}, mode 0600)", flush=True)
     procs: dict[int, subprocess.Popen] = {}
     stopping = []
 
@@ -89,7 +126,8 @@ def run_servers(plans: list[ServerLaunch], *, run_dir: str, host: str, node_inde
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
         for p in plans:
-            procs[p.index] = subprocess.Popen(list(p.argv), env={**os.environ, **dict(p.env)})
+            argv, env = launch_command(p, run_dir=run_dir, key=key)
+            procs[p.index] = subprocess.Popen(argv, env=env)
             print(f"rollout node {node_index}: server {p.index} pid {procs[p.index].pid} gpus {list(p.gpus)} "
                   f"-> {p.url}", flush=True)
         pending = {p.index: p for p in plans}

@@ -10,7 +10,12 @@ Run it as a process (what `ServerManager` does)::
 or in-process for tests: ``BuiltinServer(ServerArgs(model_path=..., port=0)).start()`` then ``.url``.
 
 The socket is bound before the model loads; `/health` answers 503 until the model is ready, then 200 (as SGLang).
-With `--api-key`, every endpoint but `/health*` needs ``Authorization: Bearer <key>`` (401 otherwise).
+
+API key (see `sglang_rollout.auth`): with a key, every endpoint but `/health*` (as SGLang, so probes need no secret)
+needs ``Authorization: Bearer <key>`` — 401 ``{"error": "Unauthorized"}`` otherwise, checked before the route and
+the body, compared in constant time. The process takes its key from ``$DASD_ROLLOUT_API_KEY``, ``--api-key-file PATH``
+(mode 0600) or ``$DASD_ROLLOUT_API_KEY_FILE``; ``--api-key KEY`` works (SGLang's flag) but shows the key to everyone
+in ``ps``. A server bound beyond loopback (e.g. ``--host 0.0.0.0``) refuses to start without a key.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
+from sglang_rollout.auth import API_KEY_ENV, API_KEY_FILE_ENV, bearer_matches, is_loopback, read_key_file, \
+    server_key_from_env
 from sglang_rollout.builtin_server.api import ROUTES, Api, Reply
 from sglang_rollout.contract import ENDPOINTS, ContractError, validate_body
 
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _ALIASES = {"/get_model_info": "/model_info", "/get_server_info": "/server_info"}
 _MAX_BODY = 1 << 30
+_MAX_UNAUTHORIZED_BODY = 1 << 20
 
 
 @dataclass
@@ -42,6 +50,8 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: Optional[str] = None
+    #: file holding the key (mode 0600); keeps it off the command line
+    api_key_file: Optional[str] = None
     dtype: str = "float32"
     max_batch_size: int = 64
     random_seed: int = 0
@@ -87,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             data, ctype = json.dumps(reply.body).encode(), "application/json"
         self.send_response(reply.status)
+        if reply.status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -100,6 +112,16 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
+        key = api.args.api_key
+        if key and not parts.path.startswith("/health") and not bearer_matches(self.headers.get("Authorization"), key):
+            # before the route: a caller without the key learns nothing about endpoints. A small body is drained
+            # (closing on unread data resets the connection, and the client would see that instead of the 401); a
+            # large one is not read at all
+            if 0 <= length <= _MAX_UNAUTHORIZED_BODY:
+                self.rfile.read(length)
+            else:
+                self.close_connection = True
+            return self._send(Reply(401, {"error": "Unauthorized"}))
         if length < 0 or length > _MAX_BODY:
             self.close_connection = True
             return self._send(Reply(400, {"error": "bad or missing Content-Length"}))
@@ -110,10 +132,6 @@ class _Handler(BaseHTTPRequestHandler):
         methods, handler = route
         if method not in methods:
             return self._send(Reply(405, {"error": f"{parts.path} takes {'/'.join(methods)}, not {method}"}))
-        key = api.args.api_key
-        if key and not path.startswith("/health"):
-            if self.headers.get("Authorization") != f"Bearer {key}":
-                return self._send(Reply(401, {"error": "Unauthorized"}))
         if not api.ready and not path.startswith("/health"):
             return self._send(Reply(503, {"error": "server is starting"}))
         try:
@@ -143,6 +161,9 @@ class BuiltinServer:
     """One built-in rollout server (HTTP thread + scheduler thread) in this process."""
 
     def __init__(self, args: ServerArgs):
+        if not args.api_key and not is_loopback(args.host):
+            raise ValueError(f"built-in rollout server: host {args.host!r} listens beyond loopback without an API key. "
+                             "Fix: pass ServerArgs(api_key=...) (see sglang_rollout.auth), or bind 127.0.0.1")
         self.args = args
         self.api = Api(args)
         self.httpd = _HTTPServer((args.host, args.port), _Handler)
@@ -197,33 +218,63 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s builtin-server[%(process)d] %(name)s: %(message)s")
+    try:
+        args.api_key = resolve_api_key(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"built-in rollout server: {e}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    server = BuiltinServer(args)
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
+    parent = int(os.environ.get("DASD_PARENT_PID", "0") or 0)  # sglang_rollout.manager.PARENT_PID_ENV
+    if parent:  # watched from the start: a launcher killed while the model loads must not leave us behind
+        threading.Thread(target=_watch_parent, args=(parent, stop, done), name="parent-watch", daemon=True).start()
+    server = BuiltinServer(args)
     server.start()
     print(f"built-in rollout server listening on {server.url}", flush=True)
-    parent = int(os.environ.get("DASD_PARENT_PID", "0") or 0)  # sglang_rollout.manager.PARENT_PID_ENV
     while not stop.wait(0.5):  # poll: a signal delivered to another thread only runs when the main thread wakes
-        if parent and not _alive(parent):
-            logging.getLogger(__name__).warning("launcher pid %d is gone: shutting down", parent)
-            break
+        pass
     server.shutdown()
+    done.set()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (a killed launcher whose parent has not reaped it yet)."""
+def _watch_parent(pid: int, stop: threading.Event, done: threading.Event, poll_s: float = 0.5,
+                  grace_s: float = 2.0) -> None:
+    """Stop the server when process `pid` (its launcher) is gone; exit outright if a clean stop takes too long
+    (e.g. still loading the model)."""
     import os
 
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    from sglang_rollout.supervise import ProcessWatch
+
+    watch = ProcessWatch(pid, as_parent=pid == os.getppid())
+    while not stop.wait(poll_s):
+        if not watch.alive():
+            logging.getLogger(__name__).warning("launcher pid %d is gone: shutting down", pid)
+            stop.set()
+            if not done.wait(grace_s):
+                os._exit(0)
+            return
+
+
+def resolve_api_key(args: ServerArgs, env=None) -> Optional[str]:
+    """The key the server process checks: --api-key, else --api-key-file, else $DASD_ROLLOUT_API_KEY(_FILE).
+
+    Raises ValueError for a server bound beyond loopback without a key (anyone on the network could drive it).
+    """
+    import os
+
+    env = os.environ if env is None else env
+    key = args.api_key
+    if key:
+        logging.getLogger(__name__).warning("--api-key on the command line is visible to every user in `ps`; use "
+                                            "$%s or --api-key-file", API_KEY_ENV)
+    elif args.api_key_file:
+        key = read_key_file(args.api_key_file)
+    else:
+        key = server_key_from_env(env)
+    if not key and not is_loopback(args.host):
+        raise ValueError(f"--host {args.host} listens beyond loopback but no API key is set: anyone on the network "
+                         "could generate, pause the server or load any folder as its weights. Fix: set "
+                         f"${API_KEY_ENV} (or ${API_KEY_FILE_ENV} / --api-key-file PATH, mode 0600), or bind "
+                         "--host 127.0.0.1")
+    return key or None
