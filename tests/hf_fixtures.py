@@ -133,3 +133,16 @@ def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits.float()
+
+
+def write_sum_problems(path) -> str:
+    """16 one-digit sums ("What is 3 plus 4?") in the GSM8K layout (worked line + `#### answer`): the training data
+    of the end-to-end runs."""
+    import json as _json
+
+    with open(path, "w") as f:
+        for a in range(1, 5):
+            for b in range(1, 5):
+                f.write(_json.dumps({"question": f"What is {a} plus {b}?",
+                                     "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
+    return str(path)

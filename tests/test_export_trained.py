@@ -30,7 +30,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_fixtures import hf_logits, make_tiny_hf  # noqa: E402
+from hf_fixtures import hf_logits, make_tiny_hf, write_sum_problems  # noqa: E402
 
 from dasd_megatron.testing.distributed import free_port, run_distributed  # noqa: E402
 
@@ -51,12 +51,7 @@ def _cli(*args, timeout=600):
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_trained")
     model = make_tiny_hf(str(root / "model"), "qwen3", vocab_size=300)
-    data = root / "data.jsonl"
-    with open(data, "w") as f:
-        for a in range(1, 5):
-            for b in range(1, 5):
-                f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
-                        + "\n")
+    data = write_sum_problems(root / "data.jsonl")
     run_dir = str(root / "run")
     r = _cli("train", "--nproc", "2", "parallel.tensor=2", f"model.hf_config={model}", f"data.source={data}",
              "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=2", "train.max_prompt_tokens=64",

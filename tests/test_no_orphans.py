@@ -26,7 +26,7 @@ from sglang_rollout.testing import free_port
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_sglang import make_fake_sglang  # noqa: E402
-from hf_fixtures import make_tiny_hf  # noqa: E402
+from hf_fixtures import make_tiny_hf, write_sum_problems  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "DASD_NO_ORPHANS_TEST"
@@ -187,12 +187,7 @@ def test_sglang_server_goes_when_its_manager_is_killed(tmp_path):
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("no_orphans")
     model = make_tiny_hf(str(root / "model"), "qwen3")
-    data = root / "data.jsonl"
-    with open(data, "w") as f:
-        for a in range(1, 5):
-            for b in range(1, 5):
-                f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
-                        + "\n")
+    data = write_sum_problems(root / "data.jsonl")
     return root, model, str(data)
 
 

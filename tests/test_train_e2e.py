@@ -18,7 +18,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_fixtures import make_tiny_hf  # noqa: E402
+from hf_fixtures import make_tiny_hf, write_sum_problems  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +35,7 @@ def _port():
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_e2e")
     model = make_tiny_hf(str(root / "model"), "qwen3")
-    data = root / "data.jsonl"
-    with open(data, "w") as f:
-        for a in range(1, 5):
-            for b in range(1, 5):
-                f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
-                        + "\n")
+    data = write_sum_problems(root / "data.jsonl")
     return root, model, str(data)
 
 
