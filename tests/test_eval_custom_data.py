@@ -49,6 +49,19 @@ def without_identity(records):
     return [{k: v for k, v in r.items() if k not in ("benchmark", "seed")} for r in records]
 
 
+def assert_same_records(got, want):
+    """Equal records, log-prob statistics to 1e-4 relative (batched fp32 on the server), everything else exactly."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k != "samples"} == {k: v for k, v in w.items() if k != "samples"}
+        assert len(g["samples"]) == len(w["samples"])
+        for gs, ws in zip(g["samples"], w["samples"]):
+            lp = [k for k in ws if k.startswith("logprob_")]
+            assert {k: v for k, v in gs.items() if k not in lp} == {k: v for k, v in ws.items() if k not in lp}
+            for k in lp:
+                assert gs[k] == pytest.approx(ws[k], rel=1e-4), k
+
+
 def by_problem(run_dir):
     return {k: sorted(v, key=lambda r: r["problem_id"]) for k, v in read_run_records(str(run_dir)).items()}
 
@@ -161,7 +174,9 @@ def test_cli_data_on_the_builtin_server_matches_the_benchmark(aime, model_dir, t
     assert main(["eval", *common, "--output", str(alone), "--data", src]) == 0
     assert "(2 problems generated, 0 resumed)" in capsys.readouterr().out
     assert set(by_problem(alone)) == {"my_aime"}
-    assert by_problem(alone)["my_aime"] == records["my_aime"]  # same key, same seeds: the very same records
+    # same key, same seeds: the same records (log-probs up to fp32 summation order: the built-in server batches the
+    # concurrent problems of a run together, and this run has 2 of them where the first had 4)
+    assert_same_records(by_problem(alone)["my_aime"], records["my_aime"])
     assert main(["eval", *common, "--output", str(alone), "--data", src]) == 0  # all recorded: no server
     assert "(0 problems generated, 2 resumed)" in capsys.readouterr().out
 
