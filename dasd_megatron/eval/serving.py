@@ -66,7 +66,9 @@ def is_megatron_checkpoint(path: str) -> bool:
 
 
 def is_hf_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+    """config.json and weights (a training run folder also has a config.json: its RunConfig)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        name.endswith((".safetensors", ".bin")) for name in os.listdir(path))
 
 
 def _checkpoint(path: str, shown: str):
@@ -87,7 +89,7 @@ def check_model_path(model: str) -> str:
     if not os.path.isdir(path):
         raise EvalError(f"--model {model}: no such folder. Fix: give a HF model folder (config.json + safetensors), "
                         "a training run folder or one of its checkpoints, or a Megatron checkpoint folder")
-    if is_hf_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+    if is_hf_folder(path):
         return path
     return _checkpoint(path, model).checkpoint_dir
 
