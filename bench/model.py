@@ -41,7 +41,7 @@ def run_backend(backend: str, hf_dir: str, args) -> dict:
     from dasd_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
     from dasd_megatron.model.builder import build_model
     from dasd_megatron.model.hf_config import load_hf_architecture
-    from dasd_megatron.platform import device
+    from dasd_megatron.megatron_compat import device
 
     cfg = RunConfig(
         model=ModelConfig(hf_config=hf_dir, seq_length=args.seq, attention_backend=backend),

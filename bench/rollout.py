@@ -78,7 +78,7 @@ def bench_generation(model_dir: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
-    from sglang_rollout.client import ClientConfig, RolloutClient, SamplingConfig
+    from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]

@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
               f"{first.get('rollout/reward_mean', float('nan')):.3f} -> "
               f"{last.get('rollout/reward_mean', float('nan')):.3f}{acc} | run folder {cfg.run_dir}", flush=True)
         try:
-            from dasd_megatron.report import build_report
+            from dasd_megatron.train.run_report import build_report
 
             print(f"report: {build_report(cfg.run_dir, progress=False).report_md}", flush=True)
         except Exception as e:  # noqa: BLE001 - the run is done and saved; a plotting problem must not fail it
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dasd_megatron.launch.cli import add_submit_parser
 
     add_submit_parser(sub)
-    from dasd_megatron.report import add_report_parser
+    from dasd_megatron.train.run_report import add_report_parser
 
     add_report_parser(sub)
     from dasd_megatron.eval.cli import add_eval_parsers
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from dasd_megatron.platform import quiet_known_warnings
+    from dasd_megatron.megatron_compat import quiet_known_warnings
 
     quiet_known_warnings()
     logging.basicConfig(level=os.environ.get("DASD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dasd_megatron.config import ParallelConfig
-from dasd_megatron.platform import apply_cpu_compat, cuda_available
+from dasd_megatron.megatron_compat import apply_cpu_compat, cuda_available
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rollouts for dasd-megatron: an SGLang HTTP client, server supervision, weight sync, and a built-in server.
 
-- `sglang_rollout.client`: `RolloutClient` (token ids in; G samples per prompt with sampled log-probs and the
+- `sglang_rollout.rollout_client`: `RolloutClient` (token ids in; G samples per prompt with sampled log-probs and the
   weight version out), `SamplingConfig`, `ClientConfig`, `Sample`.
 - `sglang_rollout.manager`: `ServerManager` launches and supervises `sglang.launch_server` (or built-in server)
   processes from `ServerConfig`s and restarts dead or hung ones.

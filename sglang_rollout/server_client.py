@@ -1,6 +1,6 @@
 """Typed calls to one SGLang (or built-in) server: one method per endpoint, request bodies per the contract.
 
-Every request body the rollout stack sends is built here (generation bodies in `client.py` too), so the contract
+Every request body the rollout stack sends is built here (generation bodies in `rollout_client.py` too), so the contract
 tests that record what goes over the wire cover all of it. Control calls that answer `{"success": false}` raise
 `UpdateFailed` with the server's message.
 """

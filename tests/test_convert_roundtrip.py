@@ -9,7 +9,6 @@ There is no tolerance: the mapping only moves bytes.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

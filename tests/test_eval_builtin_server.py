@@ -22,7 +22,7 @@ from dasd_megatron.eval.cli import main
 from dasd_megatron.eval.records import read_run_records
 from dasd_megatron.eval.testing import BYTE_EOS_ID, save_byte_tokenizer
 from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
-from sglang_rollout.client import ClientConfig
+from sglang_rollout.rollout_client import ClientConfig
 from sglang_rollout.testing import make_tiny_hf_model
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"

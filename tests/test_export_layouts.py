@@ -12,13 +12,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from hf_fixtures import make_tiny_hf  # noqa: E402
+from hf_fixtures import make_tiny_hf
 
 from dasd_megatron.testing.distributed import run_distributed  # noqa: E402
 

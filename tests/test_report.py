@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from dasd_megatron.report import (MARKER_REGEX, add_report_parser, build_report, epistemic_marker_density,
+from dasd_megatron.train.run_report import (MARKER_REGEX, add_report_parser, build_report, epistemic_marker_density,
                                   load_metrics, trend)
 from dasd_megatron.train.metrics_log import MetricsLogger
 

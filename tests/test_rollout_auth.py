@@ -21,12 +21,11 @@ import time
 import pytest
 
 from sglang_rollout import auth
-from sglang_rollout.client import ClientConfig, RolloutClient, SamplingConfig
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
 from sglang_rollout.http_client import HttpClient, HTTPStatusError
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.testing import free_port, make_tiny_hf_model
 
-sys.path.insert(0, os.path.dirname(__file__))
 from fake_sglang import make_fake_sglang  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

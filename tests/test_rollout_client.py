@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
-from sglang_rollout.client import ClientConfig, RolloutClient, RolloutError, SamplingConfig, derive_seed
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, RolloutError, SamplingConfig, derive_seed
 from sglang_rollout.testing import make_tiny_hf_model
 
 PROMPTS = [[5, 17, 33], [101, 7], [9, 9, 9, 9, 2 + 1]]

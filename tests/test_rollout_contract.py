@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
-from sglang_rollout.client import ClientConfig, RolloutClient, SamplingConfig
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
 from sglang_rollout.contract import ENDPOINTS, SAMPLING_PARAMS, ContractError, check_type, validate_body
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_rollout.client import RolloutClient
+from sglang_rollout.rollout_client import RolloutClient
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
 from sglang_rollout.server_client import ServerClient

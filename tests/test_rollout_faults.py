@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sglang_rollout.client import ClientConfig, RolloutClient, RolloutError, SamplingConfig
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, RolloutError, SamplingConfig
 from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager, ServerStartError, server_command
 from sglang_rollout.testing import free_port, make_tiny_hf_model
 

@@ -40,7 +40,7 @@ def _trainer(rank, world_size, hf_dir, url, sync_root, master_port):
     from dasd_megatron.parallel import initialize_parallel
     from dasd_megatron.train.config import OptimConfig
     from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
-    from sglang_rollout.client import RolloutClient
+    from sglang_rollout.rollout_client import RolloutClient
     from sglang_rollout.http_client import HttpClient
     from sglang_rollout.server_client import ServerClient
     from sglang_rollout.weight_sync import DiskTransport, DistributedTransport, TensorTransport, WeightSync, drain

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
-from sglang_rollout.client import ClientConfig, RolloutClient, SamplingConfig
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.testing import make_tiny_hf_model

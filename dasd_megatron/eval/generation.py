@@ -1,7 +1,7 @@
 """How the evaluation asks for samples: a small `Generator` interface and its adapter to the rollout client.
 
 The runner only needs "n completions of these prompt token ids"; `RolloutGenerator` provides them from one or more
-SGLang (or built-in) servers through `sglang_rollout.client.RolloutClient`, which spreads requests over the servers
+SGLang (or built-in) servers through `sglang_rollout.rollout_client.RolloutClient`, which spreads requests over the servers
 and retries failed ones (connection errors, timeouts, 5xx, aborted samples) with the same request ids. A failure
 that survives the retries raises (`RolloutError`); the runner then stops and keeps what it has recorded.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 from dasd_megatron.eval.errors import EvalError
-from sglang_rollout.client import ClientConfig, RolloutClient, SamplingConfig
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
 
 
 @dataclass(frozen=True)

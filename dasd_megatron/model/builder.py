@@ -81,7 +81,7 @@ def build_model(cfg: RunConfig, arch: HFArchitecture, *, pre_process=None, post_
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from dasd_megatron.platform import device
+    from dasd_megatron.megatron_compat import device
 
     tcfg = transformer_config(arch, cfg)
     backend = resolve_backend(cfg.model.attention_backend)

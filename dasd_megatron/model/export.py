@@ -236,7 +236,7 @@ def _flat_groups(bucket, stage):
 
 
 def _device(have):
-    from dasd_megatron.platform import device
+    from dasd_megatron.megatron_compat import device
 
     return next(iter(have.values())).device if have else device()
 

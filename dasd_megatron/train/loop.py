@@ -130,7 +130,7 @@ class Trainer:
         return self
 
     def _start_rollout(self) -> None:
-        from sglang_rollout.client import ClientConfig, RolloutClient
+        from sglang_rollout.rollout_client import ClientConfig, RolloutClient
         from sglang_rollout.http_client import HttpClient
         from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
         from sglang_rollout.server_client import ServerClient
@@ -170,7 +170,7 @@ class Trainer:
 
     # -- phases -------------------------------------------------------------------------------------------------------
     def _sampling(self, max_new_tokens: int, temperature: float, seed_offset: int, top_p=None, top_k=None):
-        from sglang_rollout.client import SamplingConfig
+        from sglang_rollout.rollout_client import SamplingConfig
 
         r = self.cfg.rollout
         eos = self.tokenizer.eos_token_id
@@ -344,7 +344,7 @@ class Trainer:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from dasd_megatron.report import epistemic_marker_density
+        from dasd_megatron.train.run_report import epistemic_marker_density
 
         cfg = self.cfg
         history = []

@@ -21,7 +21,7 @@ import pytest
 
 from dasd_megatron.config import RunConfig, from_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "slurm" / "start_local_cluster.sh"
 ACCOUNT = os.environ.get("DASD_SLURM_ACCOUNT", "dasd")
 

@@ -551,7 +551,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m dasd_megatron.report RUN_DIR [--out DIR]` (the same parser `dasd report` gets)."""
+    """`python -m dasd_megatron.train.run_report RUN_DIR [--out DIR]` (the same parser `dasd report` gets)."""
     parser = argparse.ArgumentParser(prog="python -m dasd_megatron")
     add_report_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])

@@ -24,11 +24,10 @@ import pytest
 
 from sglang_rollout.testing import free_port
 
-sys.path.insert(0, os.path.dirname(__file__))
 from fake_sglang import make_fake_sglang  # noqa: E402
-from hf_fixtures import make_tiny_hf, write_sum_problems  # noqa: E402
+from hf_fixtures import make_tiny_hf, write_sum_problems
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "DASD_NO_ORPHANS_TEST"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 

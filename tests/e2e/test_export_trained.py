@@ -29,14 +29,13 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from hf_fixtures import hf_logits, make_tiny_hf, write_sum_problems  # noqa: E402
+from hf_fixtures import hf_logits, make_tiny_hf, write_sum_problems
 
 from dasd_megatron.testing.distributed import free_port, run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 DATA = REPO.parent / "shared" / "data"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 IDS = torch.tensor([[1, 5, 9, 33, 120, 7, 250, 3], [2, 44, 44, 17, 299, 8, 61, 90]])

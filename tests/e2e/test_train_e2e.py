@@ -17,8 +17,7 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from hf_fixtures import make_tiny_hf, write_sum_problems  # noqa: E402
+from hf_fixtures import make_tiny_hf, write_sum_problems
 
 pytestmark = pytest.mark.e2e
 
