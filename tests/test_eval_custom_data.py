@@ -200,15 +200,15 @@ def test_cli_errors_are_one_line_before_any_server(model_dir, tmp_path, capsys):
 def test_training_prompt_and_reward_settings(aime, tmp_path):
     """`--instruction` reaches the prompt and `--last-number-fallback` the scorer: a model trained like the main
     job (asked for "just the number", rewarded on the last number) is evaluated the way it was trained."""
-    from dasd_megatron.eval.cli import _config
+    from dasd_megatron.eval.cli import eval_config
     from dasd_megatron.cli import build_parser
 
     args = build_parser().parse_args(["eval", "--model", "m", "--output", str(tmp_path / "x"), "--data", "f.jsonl",
                                       "--instruction", "Reply with just the number.", "--last-number-fallback"])
-    cfg = _config(args, "m")
+    cfg = eval_config(args, "m")
     assert cfg.prompt.instruction == "Reply with just the number." and cfg.last_number_fallback
     assert cfg.identity()["prompt"]["instruction"] == "Reply with just the number."
-    assert "instruction" not in _config(build_parser().parse_args(
+    assert "instruction" not in eval_config(build_parser().parse_args(
         ["eval", "--model", "m", "--output", "o", "--data", "f.jsonl"]), "m").identity()["prompt"]
 
     tok = byte_tokenizer()

@@ -131,7 +131,7 @@ def test_no_container_runs_in_the_job_folder(settings):
 
 def test_job_commands_rebuild_the_checked_recipe():
     from dasd_megatron.launch.command import dasd_args
-    from dasd_megatron.launch.submit import _smoke_model_path
+    from dasd_megatron.launch.submit import smoke_model_path
 
     recipe = resolve_recipe("qwen3_4b_dasd_2node_h100_bf16", ["trainer.nodes=4", "placement.servers_per_node=4",
                                                                "train.steps=5", "parallel.context=4"])
@@ -140,5 +140,5 @@ def test_job_commands_rebuild_the_checked_recipe():
     assert resolve_recipe(recipe.name, args[3:]) == recipe  # what `dasd train --recipe` will rebuild
     assert "trainer.nodes=4" in args and "placement.servers_per_node=4" in args
     git = SlurmSettings(account="a", packager="git")
-    assert _smoke_model_path(recipe, git) == "recipes/hf_configs/Qwen3-4B"  # inside the shipped code
-    assert _smoke_model_path(recipe, None).endswith("/recipes/hf_configs/Qwen3-4B")
+    assert smoke_model_path(recipe, git) == "recipes/hf_configs/Qwen3-4B"  # inside the shipped code
+    assert smoke_model_path(recipe, None).endswith("/recipes/hf_configs/Qwen3-4B")

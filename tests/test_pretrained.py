@@ -15,7 +15,7 @@ from dasd_megatron.model.pretrained import materialise, resolve_pretrained
 @pytest.fixture
 def offline(monkeypatch):
     """No Hugging Face cache entry and no network, whatever this machine has."""
-    monkeypatch.setattr(pretrained, "_hub_snapshot", lambda repo_id: None)
+    monkeypatch.setattr(pretrained, "hub_snapshot", lambda repo_id: None)
 
 
 def _fake_source(monkeypatch, calls, fail=False):

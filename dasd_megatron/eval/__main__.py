@@ -1,4 +1,4 @@
-"""`python -m dasd_megatron.eval eval ...` / `... eval-report ...` (until `dasd eval` is wired in)."""
+"""`python -m dasd_megatron.eval eval|eval-report ...`: the parsers of `dasd eval` / `dasd eval-report`."""
 
 import sys
 

@@ -117,7 +117,7 @@ def add_eval_parsers(subparsers) -> None:
     r.set_defaults(func=cmd_eval_report)
 
 
-def _config(args, model_name: str):
+def eval_config(args, model_name: str):
     from dasd_megatron.data import PromptConfig
     from dasd_megatron.eval.benchmarks import ALL_BENCHMARKS, custom_data_config
     from dasd_megatron.eval.config import EvalConfig
@@ -184,7 +184,7 @@ def _run(args) -> int:
 
     if args.server_url:
         urls = list(args.server_url)
-        cfg = _config(args, args.model_name or _served_model_path(urls))
+        cfg = eval_config(args, args.model_name or _served_model_path(urls))
         if pending_problems(cfg, args.output, data_dir) == 0:
             return finish(run_eval(cfg, None, None, args.output, data_dir=data_dir))
         tokenizer_path = args.tokenizer or cfg.model
@@ -193,7 +193,7 @@ def _run(args) -> int:
                             "with the model's HF folder")
         return evaluate(cfg, urls, tokenizer_path)
     model = check_model_path(args.model)
-    cfg = _config(args, args.model_name or model)
+    cfg = eval_config(args, args.model_name or model)
     if pending_problems(cfg, args.output, data_dir) == 0:  # all recorded: no server needed
         return finish(run_eval(cfg, None, None, args.output, data_dir=data_dir))
     tokenizer_path = args.tokenizer or tokenizer_source(model)
@@ -235,7 +235,7 @@ def cmd_eval_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m dasd_megatron.eval eval|eval-report ...` (the same parsers `dasd` gets once wired in)."""
+    """`python -m dasd_megatron.eval eval|eval-report ...` (the parsers `dasd eval` and `dasd eval-report` use)."""
     logging.basicConfig(level=os.environ.get("DASD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m dasd_megatron.eval")
     add_eval_parsers(parser.add_subparsers(dest="command", required=True))

@@ -9,7 +9,7 @@
 Everything is checked before anything is submitted (a bad field, or a layout the recipe's nodes cannot hold, exits
 with status 2 and a message naming the field and the fix). `--dryrun` prints the sbatch script (or the local
 command) and submits nothing. Overrides: run-config fields (`parallel.tensor=2`), `trainer.*` and `placement.*`.
-Until the lead wires it into `dasd`, the same command runs as `python -m dasd_megatron.launch submit ...`.
+`python -m dasd_megatron.launch submit ...` runs the same parser.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def _with_servers_task(trainer: list[str], servers: list[str]):
     return run.Script(inline=body)
 
 
-def _smoke_model_path(recipe: Recipe, slurm: Optional[SlurmSettings]) -> str:
+def smoke_model_path(recipe: Recipe, slurm: Optional[SlurmSettings]) -> str:
     """The smoke job's model config folder; relative to the code root when the git packager ships the code."""
     from recipes.models import resolve_hf_config
 
@@ -155,7 +155,7 @@ def submit(recipe: Recipe, *, executor: str = "slurm", job: str = "train", slurm
     env = job_env(recipe, scheduler=executor, heterogeneous=het, socket_ifname=socket_ifname,
                   extra=dict(slurm.env) if slurm else None)
     python = python or (slurm.python if executor == "slurm" else sys.executable)
-    model_path = _smoke_model_path(recipe, slurm) if job == "smoke" else None
+    model_path = smoke_model_path(recipe, slurm) if job == "smoke" else None
     tasks = build_tasks(recipe, job, python=python, scheduler=executor, smoke_steps=smoke_steps,
                         model_path=model_path)
     if executor == "slurm":

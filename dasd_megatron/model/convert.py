@@ -410,15 +410,31 @@ def _architecture(src: CheckpointSource):
         raise ConversionError(str(e)) from None
 
 
-def load_checkpoint_model(src: CheckpointSource, tp: int = 1, pp: int = 1):
-    """Build this rank's model chunk for the checkpoint `src` at (tp, pp), in the checkpoint's dtype and vocabulary
-    padding, and load its weights. Call inside `parallel_session(tp, pp)` (or an initialised parallel state of that
-    layout). Returns `(model, arch)`."""
-    from dasd_megatron.model.builder import build_model
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a checkpoint is rebuilt at a (tp, pp) layout: its architecture, what its tensors say, the model config."""
 
+    arch: object
+    stored: StoredModel
+    cfg: object  # RunConfig of the model to build
+
+
+def plan_load(src: CheckpointSource, tp: int = 1, pp: int = 1) -> LoadPlan:
+    """Read the checkpoint's HF config and tensor metadata once (no process group needed)."""
     arch = _architecture(src)
     stored = stored_model(src)
     cfg = conversion_config(src.hf_dir, stored.dtype, tp, pp, vocab_divisor_for(stored, arch, tp, src.describe()))
+    return LoadPlan(arch, stored, cfg)
+
+
+def load_checkpoint_model(src: CheckpointSource, tp: int = 1, pp: int = 1, plan: Optional[LoadPlan] = None):
+    """Build this rank's model chunk for the checkpoint `src` at (tp, pp), in the checkpoint's dtype and vocabulary
+    padding, and load its weights. Call inside `parallel_session(tp, pp)` (or an initialised parallel state of that
+    layout). `plan` is `plan_load(src, tp, pp)` when the caller has it already. Returns `(model, arch)`."""
+    from dasd_megatron.model.builder import build_model
+
+    plan = plan or plan_load(src, tp, pp)
+    arch, stored, cfg = plan.arch, plan.stored, plan.cfg
     model = build_model(cfg, arch)
     check_model_matches(model, stored, src.describe(), src.hf_dir)
     try:
@@ -488,20 +504,18 @@ def run_export(ckpt_dir: str, out_dir: Optional[str] = None, *, step: Optional[i
     from dasd_megatron.model.export import plan_export
 
     src = resolve_checkpoint(ckpt_dir, step=step, teacher=teacher, hf_config=hf_config)
-    arch = _architecture(src)
+    load = plan_load(src, tp, pp)
     if out_dir is None:
         out_dir = default_export_dir(src)
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     out_dtype = dtype_arg(dtype, "export")
     shard_bytes, bucket_bytes = parse_size(max_shard_size), parse_size(bucket_size)
     check_output(out_dir, overwrite)
-    stored = stored_model(src)
-    conversion_config(src.hf_dir, stored.dtype, tp, pp, vocab_divisor_for(stored, arch, tp, src.describe())) \
-        .validate_layout(world_size(), arch, te_available=False)
+    load.cfg.validate_layout(world_size(), load.arch, te_available=False)
 
     t0 = time.perf_counter()
     with parallel_session(tp, pp) as ctx, staged_output(out_dir, overwrite) as tmp:
-        model, arch = load_checkpoint_model(src, tp, pp)
+        model, arch = load_checkpoint_model(src, tp, pp, load)
         t_load = time.perf_counter()
         nbytes = 0
         if ctx.dp_rank == 0 and ctx.cp_rank == 0:  # one replica exports; the others hold the same weights
@@ -516,7 +530,7 @@ def run_export(ckpt_dir: str, out_dir: Optional[str] = None, *, step: Optional[i
                 writer.finish()
                 nbytes = writer.total_size
         t_stream = time.perf_counter()
-        final = out_dtype or stored.dtype
+        final = out_dtype or load.stored.dtype
         if _rank() == 0:
             _write_hf_files(src, tmp, final)
         del model

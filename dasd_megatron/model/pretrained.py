@@ -90,7 +90,7 @@ OFFLINE_SOURCES: dict[str, tuple[str, Callable[[str], str]]] = {
 """Hub id -> (description, writer(out_dir)) of a copy that can be made without network."""
 
 
-def _hub_snapshot(repo_id: str) -> str | None:
+def hub_snapshot(repo_id: str) -> str | None:
     """The HF cache's (or, with network, a fresh download's) snapshot folder of `repo_id` with weights, or None."""
     try:
         from huggingface_hub import snapshot_download
@@ -145,7 +145,7 @@ def resolve_pretrained(name_or_path: str, cache_dir: str | None = None) -> str:
         return name_or_path
     is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if is_hub_id:
-        snap = _hub_snapshot(name_or_path)
+        snap = hub_snapshot(name_or_path)
         if snap is not None:
             return snap
         if name_or_path in OFFLINE_SOURCES:
