@@ -25,7 +25,6 @@ import pytest
 from sglang_rollout.testing import free_port
 
 from fake_sglang import make_fake_sglang  # noqa: E402
-from hf_fixtures import make_tiny_hf, write_sum_problems
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "DASD_NO_ORPHANS_TEST"
@@ -180,14 +179,6 @@ def test_sglang_server_goes_when_its_manager_is_killed(tmp_path):
 
 
 # ---- e2e: dasd train --nproc 2 ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("no_orphans")
-    model = make_tiny_hf(str(root / "model"), "qwen3")
-    data = write_sum_problems(root / "data.jsonl")
-    return root, model, str(data)
 
 
 def _cmd(model, data, run_dir, steps, port):

@@ -17,8 +17,6 @@ import time
 
 import pytest
 
-from hf_fixtures import make_tiny_hf, write_sum_problems
-
 pytestmark = pytest.mark.e2e
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -28,14 +26,6 @@ def _port():
     from dasd_megatron.testing.distributed import free_port
 
     return free_port()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_e2e")
-    model = make_tiny_hf(str(root / "model"), "qwen3")
-    data = write_sum_problems(root / "data.jsonl")
-    return root, model, str(data)
 
 
 def _cmd(model, data, run_dir, steps):
