@@ -8,6 +8,11 @@ One table serves two readers:
 * the contract tests check every body the rollout client sends field by field (`validate_body(..., strict=True)`
   additionally refuses keys that are not in the table, so a typo in the client cannot hide).
 
+It is also the one home of the sampling parameters: `SAMPLING_PARAMS` holds their names, JSON types and SGLang's
+defaults, `SAMPLING_RULES` the value rules with their error messages. The trainer's `SamplingConfig`
+(`sglang_rollout.rollout_client`) and the built-in server's `SamplingSpec` (`builtin_server.sampler`) take their
+defaults from `sampling_default` and check their values with these rules, so the three cannot drift apart.
+
 Types are written in a tiny JSON-type language: ``str``, ``int``, ``float`` (an int is accepted, as JSON does),
 ``bool``, ``null``, ``dict``, ``any``, ``list[T]``; a field lists the alternatives it accepts. ``bool`` is never
 accepted where ``int``/``float`` is asked (unlike Python's `isinstance`), matching serde/msgspec.
@@ -15,8 +20,9 @@ accepted where ``int``/``float`` is asked (unlike Python's `isinstance`), matchi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 __all__ = [
     "ContractError",
@@ -24,6 +30,10 @@ __all__ = [
     "Endpoint",
     "ENDPOINTS",
     "SAMPLING_PARAMS",
+    "SamplingRule",
+    "SAMPLING_RULES",
+    "sampling_default",
+    "broken_sampling_rule",
     "CONTROL_COMMON",
     "check_type",
     "validate_body",
@@ -133,6 +143,78 @@ SAMPLING_PARAMS: dict[str, Field] = {
         _f("choice", "any"),
     )
 }
+
+
+def sampling_default(key: str) -> Any:
+    """SGLang's default of `sampling_params[key]` as the Python value both sides use.
+
+    A list-typed key without a default (``stop_token_ids``) defaults to the empty tuple (absent = no ids); any other
+    key without one to None.
+    """
+    f = SAMPLING_PARAMS[key]
+    if f.default is None and any(t.startswith("list[") for t in f.types):
+        return ()
+    return f.default
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    """One value rule on sampling parameters (SGLang's `SamplingParams.verify`), after the type check.
+
+    `ok(values)` must hold, where `values` maps each parameter name to its value (and, on the server,
+    ``vocab_size`` to the served vocabulary). `rule` is the server's wording (a 400: ``sampling_params.top_p=0.0:
+    must be in (0, 1]``); it may name other values as ``{max_new_tokens}``. `client_rule` is the trainer's wording
+    for the rules its `SamplingConfig` checks before anything is sent (``rollout.sampling.top_p=0: must be in
+    (0, 1]. Fix: use 1.0 to disable``), with `fix`; None: only the server checks it.
+    """
+
+    key: str
+    ok: Callable[[Mapping[str, Any]], bool]
+    rule: str
+    client_rule: Optional[str] = None
+    fix: str = ""
+
+    def server_error(self, values: Mapping[str, Any]) -> ContractError:
+        return ContractError(f"sampling_params.{self.key}={values[self.key]!r}: {self.rule.format(**values)}")
+
+    def client_error(self, values: Mapping[str, Any]) -> ValueError:
+        return ValueError(f"rollout.sampling.{self.key}={values[self.key]!r}: {self.client_rule}. Fix: {self.fix}")
+
+
+_FINITE_TEMPERATURE = "must be a finite number >= 0"
+
+#: The value rules, checked in this order (the first broken one is reported).
+SAMPLING_RULES: tuple[SamplingRule, ...] = (
+    SamplingRule("max_new_tokens", lambda v: not v["max_new_tokens"] < 0, "must be at least 0",
+                 "must be >= 0", "use e.g. 1024"),
+    SamplingRule("temperature", lambda v: not v["temperature"] < 0, _FINITE_TEMPERATURE,
+                 "must be >= 0", "use 1.0 for RL rollouts, 0 for greedy"),
+    # NaN and inf pass the trainer's check above; the server refuses them
+    SamplingRule("temperature", lambda v: v["temperature"] >= 0 and not math.isinf(v["temperature"]),
+                 _FINITE_TEMPERATURE),
+    SamplingRule("top_p", lambda v: 0 < v["top_p"] <= 1, "must be in (0, 1]", "must be in (0, 1]",
+                 "use 1.0 to disable"),
+    SamplingRule("top_k", lambda v: not (v["top_k"] != -1 and v["top_k"] < 1), "must be -1 (disable) or at least 1",
+                 "must be -1 or >= 1", "use -1 to disable"),
+    SamplingRule("min_p", lambda v: 0 <= v["min_p"] <= 1, "must be in [0, 1]"),
+    SamplingRule("min_new_tokens", lambda v: not v["min_new_tokens"] < 0, "must be at least 0"),
+    SamplingRule("min_new_tokens", lambda v: not v["min_new_tokens"] > v["max_new_tokens"],
+                 "must be <= max_new_tokens ({max_new_tokens})"),
+    SamplingRule("n", lambda v: not v["n"] < 1, "must be at least 1"),
+    SamplingRule("stop_token_ids", lambda v: all(0 <= t < v["vocab_size"] for t in v["stop_token_ids"]),
+                 "token ids must be in [0, {vocab_size})"),
+)
+
+
+def broken_sampling_rule(values: Mapping[str, Any], *, client: bool = False) -> Optional[SamplingRule]:
+    """The first rule of `SAMPLING_RULES` that `values` break, None if all hold; `client=True`: only the rules the
+    trainer checks (those with a `client_rule`)."""
+    for r in SAMPLING_RULES:
+        if client and r.client_rule is None:
+            continue
+        if not r.ok(values):
+            return r
+    return None
 
 
 def _control(path: str, methods: tuple[str, ...], *fields: Field, query: tuple[Field, ...] = ()) -> Endpoint:

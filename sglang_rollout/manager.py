@@ -43,12 +43,9 @@ from typing import Callable, Optional
 from sglang_rollout import auth
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient
-from sglang_rollout.supervise import supervise_argv
+from sglang_rollout.supervise import PARENT_PID_ENV, supervise_argv
 
 log = logging.getLogger(__name__)
-
-PARENT_PID_ENV = "DASD_PARENT_PID"
-"""Set for every launched server: the launcher's pid. The built-in server exits when that process is gone."""
 
 __all__ = ["ServerConfig", "ManagerConfig", "ServerManager", "ServerStartError", "server_command"]
 
@@ -211,6 +208,11 @@ class ServerManager:
     def pid(self, index: int) -> Optional[int]:
         p = self._procs[index].popen
         return None if p is None else p.pid
+
+    def returncode(self, index: int) -> Optional[int]:
+        """Exit code of server `index`'s current process (`Popen.poll`); None while it runs or before its launch."""
+        p = self._procs[index].popen
+        return None if p is None else p.poll()
 
     def restarts(self, index: int) -> int:
         return self._procs[index].restarts

@@ -32,6 +32,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from sglang_rollout.contract import broken_sampling_rule, sampling_default
 from sglang_rollout.http_client import HttpClient, ProtocolError, ServerError
 from sglang_rollout.server_client import ServerClient
 
@@ -46,30 +47,28 @@ class RolloutError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling parameters sent with every sample (SGLang `sampling_params` names)."""
+    """Sampling parameters sent with every sample (SGLang `sampling_params` names).
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+    Names and defaults come from `sglang_rollout.contract.SAMPLING_PARAMS`, and the values are checked against its
+    `SAMPLING_RULES` (those with a trainer wording) at construction: a bad value is a ValueError naming the field
+    and the fix, e.g. ``rollout.sampling.top_p=0: must be in (0, 1]. Fix: use 1.0 to disable``.
+    """
+
+    max_new_tokens: int = sampling_default("max_new_tokens")
+    temperature: float = sampling_default("temperature")
+    top_p: float = sampling_default("top_p")
+    top_k: int = sampling_default("top_k")
+    min_p: float = sampling_default("min_p")
+    stop_token_ids: tuple[int, ...] = sampling_default("stop_token_ids")
+    ignore_eos: bool = sampling_default("ignore_eos")
     #: base seed; None = unseeded. Each sample's `sampling_seed` is derived from it (see `derive_seed`).
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        def bad(name, value, rule, fix):
-            raise ValueError(f"rollout.sampling.{name}={value!r}: {rule}. Fix: {fix}")
-
-        if self.max_new_tokens < 0:
-            bad("max_new_tokens", self.max_new_tokens, "must be >= 0", "use e.g. 1024")
-        if self.temperature < 0:
-            bad("temperature", self.temperature, "must be >= 0", "use 1.0 for RL rollouts, 0 for greedy")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]", "use 1.0 to disable")
-        if self.top_k != -1 and self.top_k < 1:
-            bad("top_k", self.top_k, "must be -1 or >= 1", "use -1 to disable")
+        values = vars(self)
+        rule = broken_sampling_rule(values, client=True)
+        if rule is not None:
+            raise rule.client_error(values)
 
     def to_params(self, sampling_seed: Optional[int] = None) -> dict:
         p: dict[str, Any] = {

@@ -28,12 +28,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Optional
 
-__all__ = ["main", "supervise_argv", "set_parent_death_signal", "process_start_time", "ProcessWatch"]
+__all__ = ["PARENT_PID_ENV", "main", "supervise_argv", "set_parent_death_signal", "process_start_time", "ProcessWatch"]
 
 PARENT_PID_ENV = "DASD_PARENT_PID"
+"""Set for every launched server: the launcher's pid. The built-in server exits when that process is gone, SGLang's
+supervisor (this module) stops SGLang's process tree."""
 _PR_SET_PDEATHSIG = 1
 
 

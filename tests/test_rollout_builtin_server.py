@@ -282,9 +282,9 @@ def _in_thread(fn):
 
 def _wait_running(server, timeout=10):
     deadline = time.monotonic() + timeout
-    while not server.api.scheduler._running and time.monotonic() < deadline:
+    while not server.api.scheduler.num_running() and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert server.api.scheduler._running, "request did not start"
+    assert server.api.scheduler.num_running(), "request did not start"
 
 
 def test_pause_abort_in_place_continue_and_flush(server):

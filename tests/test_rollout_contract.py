@@ -9,6 +9,7 @@ validated with `strict=True`: names must be in the table, types must match, requ
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -19,7 +20,9 @@ import torch
 
 from sglang_rollout.builtin_server import BuiltinServer, ServerArgs
 from sglang_rollout.rollout_client import ClientConfig, RolloutClient, SamplingConfig
-from sglang_rollout.contract import ENDPOINTS, SAMPLING_PARAMS, ContractError, check_type, validate_body
+from sglang_rollout.builtin_server.sampler import SamplingSpec
+from sglang_rollout.contract import (ENDPOINTS, SAMPLING_PARAMS, SAMPLING_RULES, ContractError, check_type,
+                                     sampling_default, validate_body)
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.testing import free_port, make_tiny_hf_model
@@ -209,3 +212,61 @@ def test_contract_table_matches_the_doc():
         assert used in rows
     sp = doc[doc.index("`sampling_params` keys accepted"):doc.index("`meta_info` of a generate result")]
     assert set(re.findall(r"`([a-z_]+)`", sp)) - {"sampling_params", "generate"} == set(SAMPLING_PARAMS)
+
+
+# ---- one home for the sampling parameters ------------------------------------------------------------------------
+
+#: the one field of each class that is not a `sampling_params` key of the same name
+_SEED_KEYS = {SamplingConfig: ("seed", None), SamplingSpec: ("seed", "sampling_seed")}
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def test_client_server_and_contract_sampling_defaults_agree_field_by_field():
+    """The trainer's `SamplingConfig`, the built-in server's `SamplingSpec` and the contract table name the same
+    parameters with the same defaults (SGLang's); a default changed in one of them alone fails here."""
+    client, server = _defaults(SamplingConfig), _defaults(SamplingSpec)
+    for cls, fields in ((SamplingConfig, client), (SamplingSpec, server)):
+        seed_field, seed_key = _SEED_KEYS[cls]
+        assert fields.pop(seed_field) is None
+        assert seed_key is None or sampling_default(seed_key) is None
+        for name, default in fields.items():
+            assert name in SAMPLING_PARAMS, (cls.__name__, name)
+            assert default == sampling_default(name) and type(default) is type(sampling_default(name)), \
+                (cls.__name__, name, default, sampling_default(name))
+    for name in client.keys() & server.keys():
+        assert client[name] == server[name], name
+    assert set(client) <= set(server)  # the server parses every parameter the trainer sends
+    assert sampling_default("temperature") == 1.0 and sampling_default("top_k") == -1  # SGLang's, per the doc
+    assert sampling_default("stop_token_ids") == () and sampling_default("sampling_seed") is None
+    assert SamplingSpec.from_params({}, 10) == SamplingSpec()  # an empty sampling_params means the defaults
+    assert SamplingSpec.from_params({k: None for k in server}, 10) == SamplingSpec()
+
+
+#: one value breaking each trainer-side rule
+_CLIENT_BAD = {"max_new_tokens": -1, "temperature": -0.5, "top_p": 0.0, "top_k": 0}
+
+
+def test_client_and_server_refuse_the_same_values_with_their_messages():
+    """Each rule the trainer checks is the server's rule too: the client refuses the value before sending it
+    (ValueError with a fix), the built-in server refuses it with a 400 message of SGLang's wording."""
+    client_keys = {r.key for r in SAMPLING_RULES if r.client_rule is not None}
+    assert client_keys == set(_CLIENT_BAD)
+    for key, bad in _CLIENT_BAD.items():
+        with pytest.raises(ValueError, match=rf"^rollout\.sampling\.{key}={bad!r}: .*\. Fix: "):
+            SamplingConfig(**{key: bad})
+        with pytest.raises(ContractError, match=rf"^sampling_params\.{key}={bad!r}: must be"):
+            SamplingSpec.from_params({key: bad}, 10)
+    with pytest.raises(ValueError, match=r"^rollout\.sampling\.top_k=0: must be -1 or >= 1\. Fix: use -1 to disable$"):
+        SamplingConfig(top_k=0)
+    with pytest.raises(ContractError, match=r"^sampling_params\.min_new_tokens=9: must be <= max_new_tokens \(8\)$"):
+        SamplingSpec.from_params({"max_new_tokens": 8, "min_new_tokens": 9}, 10)
+    with pytest.raises(ContractError,
+                       match=r"^sampling_params\.stop_token_ids=\(3, 10\): token ids must be in \[0, 10\)$"):
+        SamplingSpec.from_params({"stop_token_ids": [3, 10]}, 10)
+    # the server alone refuses a non-finite temperature (the trainer sends it; the 400 names it)
+    assert SamplingConfig(temperature=float("inf")).temperature == float("inf")
+    with pytest.raises(ContractError, match=r"temperature=inf: must be a finite number >= 0"):
+        SamplingSpec.from_params({"temperature": float("inf")}, 10)

@@ -58,6 +58,7 @@ def test_killed_server_is_restarted_and_its_requests_resent(model_dir, tmp_path)
         assert not t.is_alive() and "err" not in box, box.get("err")
         out = box["out"]
         assert mgr.restarts(0) == 1 and mgr.pid(0) != pid0
+        assert mgr.returncode(0) is None  # the restarted process runs
         assert [len(g) for g in out] == [G] * P
         rids = [s.rid for g in out for s in g]
         assert len(set(rids)) == P * G
@@ -65,7 +66,7 @@ def test_killed_server_is_restarted_and_its_requests_resent(model_dir, tmp_path)
         assert client.stats["retries"] > 0 and max(s.attempts for g in out for s in g) > 1
         assert any("restart: process exited" in e[2] for e in mgr.events)
         assert "listening on" in open(log_file).read()  # the log file got the server's output
-    assert mgr._procs[0].popen.poll() is not None  # stopped on exit
+    assert mgr.returncode(0) is not None  # stopped on exit
 
 
 def test_restarted_server_comes_back_with_the_last_synced_weights(model_dir, tmp_path):

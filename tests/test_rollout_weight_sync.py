@@ -147,7 +147,7 @@ def test_sync_during_a_rollout_retries_aborted_samples_with_the_new_version(serv
                                                                               sampling=sampling)))
     t.start()
     deadline = time.monotonic() + 20
-    while not server.api.scheduler._running and time.monotonic() < deadline:
+    while not server.api.scheduler.num_running() and time.monotonic() < deadline:
         time.sleep(0.005)
     WeightSync(servers_of(server), TensorTransport()).sync(b.state_dict().items(), version="new")
     t.join(120)

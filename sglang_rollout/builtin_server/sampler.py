@@ -13,13 +13,12 @@ Semantics follow SGLang's sampler:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from sglang_rollout.contract import SAMPLING_PARAMS, ContractError
+from sglang_rollout.contract import SAMPLING_PARAMS, ContractError, broken_sampling_rule, sampling_default
 
 GREEDY_EPS = 1e-6
 
@@ -33,18 +32,22 @@ _IMPLEMENTED = {
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Validated sampling parameters of one sequence."""
+    """Validated sampling parameters of one sequence.
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    min_new_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    n: int = 1
-    seed: Optional[int] = None
+    Names and defaults come from `sglang_rollout.contract.SAMPLING_PARAMS` (`seed` is ``sampling_seed``), the value
+    rules and their 400 messages from its `SAMPLING_RULES`.
+    """
+
+    max_new_tokens: int = sampling_default("max_new_tokens")
+    temperature: float = sampling_default("temperature")
+    top_p: float = sampling_default("top_p")
+    top_k: int = sampling_default("top_k")
+    min_p: float = sampling_default("min_p")
+    min_new_tokens: int = sampling_default("min_new_tokens")
+    stop_token_ids: tuple[int, ...] = sampling_default("stop_token_ids")
+    ignore_eos: bool = sampling_default("ignore_eos")
+    n: int = sampling_default("n")
+    seed: Optional[int] = sampling_default("sampling_seed")
 
     @property
     def greedy(self) -> bool:
@@ -66,7 +69,7 @@ class SamplingSpec:
 
         def get(key):
             v = params.get(key)
-            return SAMPLING_PARAMS[key].default if v is None else v
+            return sampling_default(key) if v is None else v
 
         spec = cls(
             max_new_tokens=int(get("max_new_tokens")),
@@ -84,27 +87,11 @@ class SamplingSpec:
         return spec
 
     def _check(self, vocab_size: int) -> None:
-        def bad(key, rule):
-            raise ContractError(f"sampling_params.{key}={getattr(self, key)!r}: {rule}")
-
-        if self.max_new_tokens < 0:
-            bad("max_new_tokens", "must be at least 0")
-        if not self.temperature >= 0 or math.isinf(self.temperature):
-            bad("temperature", "must be a finite number >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k != -1 and self.top_k < 1:
-            bad("top_k", "must be -1 (disable) or at least 1")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.min_new_tokens < 0:
-            bad("min_new_tokens", "must be at least 0")
-        if self.min_new_tokens > self.max_new_tokens:
-            bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
-        if self.n < 1:
-            bad("n", "must be at least 1")
-        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            bad("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+        """Raise ContractError (-> 400) for the first broken rule of `SAMPLING_RULES`."""
+        values = {**vars(self), "vocab_size": vocab_size}
+        rule = broken_sampling_rule(values)
+        if rule is not None:
+            raise rule.server_error(values)
 
 
 def _truncate(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:

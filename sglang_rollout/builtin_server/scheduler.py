@@ -90,6 +90,11 @@ class Scheduler:
         with self._cv:
             return bool(self._queue or self._running)
 
+    def num_running(self) -> int:
+        """How many sequences the batch in progress holds (0 between batches, finished rows included)."""
+        with self._cv:
+            return len(self._running)
+
     @property
     def paused(self) -> bool:
         return self._paused

@@ -34,6 +34,7 @@ from sglang_rollout.auth import API_KEY_ENV, API_KEY_FILE_ENV, bearer_matches, i
     server_key_from_env
 from sglang_rollout.builtin_server.api import ROUTES, Api, Reply
 from sglang_rollout.contract import ENDPOINTS, ContractError, validate_body
+from sglang_rollout.supervise import PARENT_PID_ENV, ProcessWatch
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     stop, done = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-    parent = int(os.environ.get("DASD_PARENT_PID", "0") or 0)  # sglang_rollout.manager.PARENT_PID_ENV
+    parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
     if parent:  # watched from the start: a launcher killed while the model loads must not leave us behind
         threading.Thread(target=_watch_parent, args=(parent, stop, done), name="parent-watch", daemon=True).start()
     server = BuiltinServer(args)
@@ -243,8 +244,6 @@ def _watch_parent(pid: int, stop: threading.Event, done: threading.Event, poll_s
     """Stop the server when process `pid` (its launcher) is gone; exit outright if a clean stop takes too long
     (e.g. still loading the model)."""
     import os
-
-    from sglang_rollout.supervise import ProcessWatch
 
     watch = ProcessWatch(pid, as_parent=pid == os.getppid())
     while not stop.wait(poll_s):
