@@ -13,6 +13,7 @@ from dasd_megatron.loss import (
     dasd_loss,
     global_token_count,
     grpo_advantages,
+    reliability_gate,
     router_omega,
     segment_quantile,
     vocab_parallel_token_stats,
@@ -127,6 +128,18 @@ def test_router_modes_match_formulas():
     assert hard.tolist() == [1.0, 1.0, -1.0, -1.0]
     const = router_omega(H, dbar, tau, sig, DASDLossConfig(router_constant=-1.0, **CONSTANT))
     assert const.tolist() == [-1.0] * 4
+
+
+def test_reliability_gate_formula_and_off_switch():
+    dbar = torch.tensor([0.0, 1.0, -3.0, 5.0], dtype=torch.float64)
+    want = [1 / (1 + math.exp(1.0)), 0.5, 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(-4.0))]
+    torch.testing.assert_close(reliability_gate(dbar), torch.tensor(want, dtype=torch.float64), rtol=1e-15, atol=0)
+    off = reliability_gate(dbar, enabled=False)
+    assert off.dtype == dbar.dtype and off.tolist() == [1.0] * 4
+    # the router's omega is its map times this gate
+    H, tau, sig = torch.tensor([0.1, 1.0, 2.0, 3.0], dtype=torch.float64), torch.full((4,), 1.5), torch.full((4,), 0.5)
+    gated = router_omega(H, dbar, tau, sig, DASDLossConfig(router_mode="hard"))
+    assert torch.equal(gated, torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64) * reliability_gate(dbar))
 
 
 @pytest.mark.parametrize("std_normalize", [True, False])

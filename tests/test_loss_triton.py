@@ -200,7 +200,7 @@ def test_tp1_matches_reference_and_torch_path(tp1, name):
     s, t, y, w = make_case(T, V, seed, pad)
     ref, g_ref = reference(s, t, y, w, V, temperature, dtype, teacher, keys)
     (vals, grad), (tvals, tgrad) = tp1[name]["triton"], tp1[name]["torch"]
-    assert tp1[name]["fn"] == "_TritonTokenStatsBackward"
+    assert tp1[name]["fn"] == "TritonTokenStatsBackward"
     assert set(vals) == set(tvals) == set(KEYS if teacher else ("logp", "entropy"))
     for k in vals:
         torch.testing.assert_close(vals[k], ref[k], rtol=0, atol=VAL_TOL[dtype], msg=f"{name} {k} vs reference")
@@ -320,10 +320,10 @@ def test_backend_dispatch_and_validation():
     s, t, y, _ = make_case(6, 20, seed=8)
     x = s.float().requires_grad_(True)
     auto = vocab_parallel_token_stats(x, t.float(), y)  # CPU logits: 'auto' is the torch path
-    assert type(auto.logp.grad_fn).__name__ == "_VocabParallelTokenStatsBackward"
+    assert type(auto.logp.grad_fn).__name__ == "TorchTokenStatsBackward"
     x64 = s.clone().requires_grad_(True)  # float64 always takes the torch path, even when triton is asked for
     f64 = vocab_parallel_token_stats(x64, t, y, kernel_backend="triton")
-    assert type(f64.logp.grad_fn).__name__ == "_VocabParallelTokenStatsBackward"
+    assert type(f64.logp.grad_fn).__name__ == "TorchTokenStatsBackward"
     with pytest.raises(ValueError, match="kernel_backend must be one of"):
         vocab_parallel_token_stats(x, t.float(), y, kernel_backend="cuda")
 
@@ -359,17 +359,17 @@ def test_kernels_compile_for_sm90(teacher, dtype):
 
     target = GPUTarget("cuda", 90, 32)
     ptr = f"*{dtype}"
-    fwd = ASTSource(tk._stats_fwd_kernel, signature={
+    fwd = ASTSource(tk.stats_fwd_kernel, signature={
         "s_ptr": ptr, "t_ptr": ptr, "tgt_ptr": "*i64", "part_ptr": "*fp32", "n_rows": "i32", "stride_s": "i32",
         "stride_t": "i32", "width": "i32", "split_cols": "i32", "inv_temp": "fp32", "HAS_TEACHER": "constexpr",
-        "BLOCK": "constexpr"}, constexprs={"HAS_TEACHER": teacher, "BLOCK": tk._GPU["fwd_block"]})
-    bwd = ASTSource(tk._stats_bwd_kernel, signature={
+        "BLOCK": "constexpr"}, constexprs={"HAS_TEACHER": teacher, "BLOCK": tk.GPU_LAUNCH["fwd_block"]})
+    bwd = ASTSource(tk.stats_bwd_kernel, signature={
         "s_ptr": ptr, "t_ptr": ptr, "tgt_ptr": "*i64", "coef_ptr": "*fp32", "g_ptr": ptr, "n_rows": "i32",
         "stride_s": "i32", "stride_t": "i32", "width": "i32", "v_local": "i32", "inv_temp": "fp32",
         "HAS_TEACHER": "constexpr", "BF16_OUT": "constexpr", "BLOCK": "constexpr"},
-        constexprs={"HAS_TEACHER": teacher, "BF16_OUT": dtype == "bf16", "BLOCK": tk._GPU["bwd_block"]})
+        constexprs={"HAS_TEACHER": teacher, "BF16_OUT": dtype == "bf16", "BLOCK": tk.GPU_LAUNCH["bwd_block"]})
     for src in (fwd, bwd):
-        kernel = triton_compile(src, target=target, options={"num_warps": tk._GPU["num_warps"]})
+        kernel = triton_compile(src, target=target, options={"num_warps": tk.GPU_LAUNCH["num_warps"]})
         assert kernel.asm["cubin"] and ".visible .entry" in kernel.asm["ptx"]
 
 

@@ -31,7 +31,7 @@ from .metrics import dasd_metrics, decile_means
 from .objective import dasd_loss, global_token_count
 from .ppo import ppo_clip_token_loss, truncated_is_weight
 from .rollout_stats import RolloutStats, compute_rollout_stats, segment_quantile
-from .router import normalized_gap, router_omega
+from .router import normalized_gap, reliability_gate, router_omega
 from .vocab_parallel import NonFiniteLogitsError, TokenStats, default_chunk_size, vocab_parallel_token_stats
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "grpo_advantages",
     "normalized_gap",
     "ppo_clip_token_loss",
+    "reliability_gate",
     "router_omega",
     "segment_quantile",
     "truncated_is_weight",

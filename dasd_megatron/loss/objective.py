@@ -42,10 +42,11 @@ import torch
 import torch.distributed as dist
 
 from .config import DASDLossConfig
+from .kernel_common import group_all_reduce
 from .metrics import dasd_metrics
 from .ppo import ppo_clip_token_loss, truncated_is_weight
 from .rollout_stats import RolloutStats, compute_rollout_stats
-from .router import normalized_gap, router_omega
+from .router import normalized_gap, reliability_gate, router_omega
 from .vocab_parallel import TokenStats
 
 __all__ = ["dasd_loss", "global_token_count"]
@@ -59,8 +60,7 @@ def global_token_count(rollout_index: Union[torch.Tensor, list], group: Optional
     n = torch.zeros((), dtype=torch.int64, device=device)
     for ri in tensors:
         n = n + (ri >= 0).sum()
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(n, group=group)
+    group_all_reduce(n, dist.ReduceOp.SUM, group)
     return int(n.item())
 
 
@@ -141,12 +141,11 @@ def dasd_loss(
 
     dbar = normalized_gap(delta, scale, cfg.c_max) if has_teacher else torch.zeros_like(H)
     omega = torch.where(valid, router_omega(H, dbar, tau, sigma, cfg), zero)
-    gate = torch.sigmoid(dbar.abs() - 1.0) if cfg.router_gate else torch.ones_like(H)
+    gate = reliability_gate(dbar, cfg.router_gate)
 
     if num_global_tokens is None:
         n = valid.sum()
-        if token_count_group is not None and dist.is_initialized() and dist.get_world_size(token_count_group) > 1:
-            dist.all_reduce(n, group=token_count_group)
+        group_all_reduce(n, dist.ReduceOp.SUM, token_count_group)
         denom = n.clamp(min=1).to(dtype)
     else:
         denom = torch.as_tensor(num_global_tokens, device=logp.device).clamp(min=1).to(dtype)

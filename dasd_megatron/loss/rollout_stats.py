@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .config import DASDLossConfig
+from .kernel_common import group_size
 
 __all__ = ["RolloutStats", "compute_rollout_stats", "segment_quantile", "gather_tokens"]
 
@@ -47,15 +48,9 @@ class RolloutStats:
     num_tokens: torch.Tensor
 
 
-def _world(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
 def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather `[k, n_rank]` tensors with per-rank n over `group` into `[k, sum n]` (rank order)."""
-    world = _world(group)
+    world = group_size(group)
     if world == 1:
         return x
     n = torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device)

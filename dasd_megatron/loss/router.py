@@ -5,7 +5,7 @@
         'tanh'     : tanh((tau_r - H_t) / sigma_H_r)       (paper)
         'hard'     : sign(tau_r - H_t)                     (ablation: hard threshold)
         'constant' : cfg.router_constant                   (0: GRPO, +1: conformity/OPSD, -1: novelty)
-    and the reliability gate g_t = sigmoid(|dbar_t| - 1) when `cfg.router_gate` (else 1).
+    and the reliability gate g_t = sigmoid(|dbar_t| - 1) when `cfg.router_gate` (else 1): `reliability_gate`.
 
 omega > 0 pulls the token toward the teacher (low entropy), omega < 0 pushes it away (high entropy).
 """
@@ -16,12 +16,22 @@ import torch
 
 from .config import DASDLossConfig
 
-__all__ = ["normalized_gap", "router_omega"]
+__all__ = ["normalized_gap", "reliability_gate", "router_omega"]
 
 
 def normalized_gap(delta: torch.Tensor, gap_scale: torch.Tensor, c_max: float) -> torch.Tensor:
     """dbar = clip(delta / s, -c_max, c_max), detached. `gap_scale` is per token (already gathered by rollout)."""
     return torch.clamp(delta.detach() / gap_scale, -c_max, c_max)
+
+
+def reliability_gate(dbar: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """g_t = sigmoid(|dbar_t| - 1) when `enabled` (`cfg.router_gate`), else ones like dbar.
+
+    The gate trusts the direction of a token with a large normalised teacher-student gap (|dbar| >> 1: g -> 1) and
+    damps it where the gap is within its rollout's typical scale (dbar = 0: g = sigmoid(-1) ~ 0.27)."""
+    if not enabled:
+        return torch.ones_like(dbar)
+    return torch.sigmoid(dbar.abs() - 1.0)
 
 
 def router_omega(
@@ -36,5 +46,5 @@ def router_omega(
     else:
         omega = torch.full_like(H, cfg.router_constant)
     if cfg.router_gate:
-        omega = omega * torch.sigmoid(dbar.abs() - 1.0)
+        omega = omega * reliability_gate(dbar)
     return omega

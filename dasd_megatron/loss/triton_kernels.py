@@ -1,9 +1,10 @@
 """Triton kernels behind `vocab_parallel_token_stats(..., kernel_backend="triton")`: one streaming pass over the
 logits in the forward, one in the backward.
 
-Same inputs, outputs, `TokenStats` and errors as the torch path of `vocab_parallel.py` (its docstring has the per-token
-math); only the traversal of the shard and the collectives differ. All arithmetic is fp32, with z = logits * (1 / tau)
-(a multiply: the torch path divides, so z may differ from it by an ulp). float64 inputs never come here.
+Same inputs, outputs, `TokenStats` and errors as the torch path (`torch_kernels.py`; the per-token math is in
+`vocab_parallel.py`'s docstring); only the traversal of the shard and the collectives differ. All arithmetic is
+fp32, with z = logits * (1 / tau) (a multiply: the torch path divides, so z may differ from it by an ulp). float64
+inputs never come here.
 
 Forward. One program per (token row, column split) streams its columns of the local student (and teacher) shard in
 blocks of BLOCK columns, reading every logit once. It keeps the running maxima m_S, m_T of z_S, z_T and sums
@@ -34,7 +35,7 @@ logits dtype,
     d/dlogits = [p (c_logp log p + c_logq log q + c_const) - c_q q + g_y onehot] / tau,   log p = z_S - lse_S,
                                                                                           log q = z_T - lse_T
 
-with the per-token coefficients of `vocab_parallel._grad_coefficients` (the expansion of g_logp (onehot - p)
+with the per-token coefficients of `kernel_common.grad_coefficients` (the expansion of g_logp (onehot - p)
 + g_H (-p (log p + H)) + g_KL p (log p - log q - KL) + g_FKL (p - q)), and 0 in the padded columns past vocab_size.
 When no KL gradient comes back, the teacher is not read (q terms vanish).
 bf16 gradients are rounded to nearest-even explicitly (the GPU's conversion; Triton's interpreter would truncate).
@@ -45,7 +46,7 @@ Memory traffic per call for a `[T, V_local]` shard of e-byte logits: the forward
 Transient memory: the `[k, splits, T]` fp32 partials. `chunk_size` and `compile` do not apply here.
 
 Non-CUDA tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before this module is first imported
-(`INTERPRETED` records the mode its kernels were built in). The block sizes are not tuned on a GPU yet.
+(`INTERPRETED` records the mode its kernels were built in).
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .vocab_parallel import (_all_reduce, _function_outputs, _grad_coefficients, _raise_if_nonfinite, _world,
-                             default_chunk_size)
+from .kernel_common import (default_chunk_size, function_outputs, grad_coefficients, group_all_reduce, group_size,
+                            raise_if_nonfinite)
 
-__all__ = ["INTERPRETED", "triton_token_stats"]
+__all__ = ["GPU_LAUNCH", "INTERPRETED", "INTERPRETER_LAUNCH", "TritonTokenStats", "stats_bwd_kernel",
+           "stats_fwd_kernel", "triton_token_stats"]
 
 # Rows of the forward partials `[NP, splits, T]`; the teacher rows exist only with a teacher.
 _M_S, _SE_S, _A_SS, _Y_S, _M_T, _SE_T, _A_TT, _A_ST, _A_TS, _Y_T = range(10)
@@ -75,8 +77,11 @@ def _moved(a, d_scale, d_shift, se):
 
 
 @triton.jit
-def _stats_fwd_kernel(s_ptr, t_ptr, tgt_ptr, part_ptr, n_rows, stride_s, stride_t, width, split_cols, inv_temp,
-                      HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr):
+def stats_fwd_kernel(s_ptr, t_ptr, tgt_ptr, part_ptr, n_rows, stride_s, stride_t, width, split_cols, inv_temp,
+                     HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward partials of one (token row, column split), grid (T, splits): writes m, se, a and y of the module
+    docstring into the `[NP, splits, T]` fp32 `part_ptr` (rows `_M_S` ... `_Y_T`). `tgt_ptr`: the target's local
+    column, -1 when it is not on this shard."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     c0 = split * split_cols
@@ -144,8 +149,11 @@ def _bf16_rtne(x):
 
 
 @triton.jit
-def _stats_bwd_kernel(s_ptr, t_ptr, tgt_ptr, coef_ptr, g_ptr, n_rows, stride_s, stride_t, width, v_local, inv_temp,
-                      HAS_TEACHER: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
+def stats_bwd_kernel(s_ptr, t_ptr, tgt_ptr, coef_ptr, g_ptr, n_rows, stride_s, stride_t, width, v_local, inv_temp,
+                     HAS_TEACHER: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """The logits gradient of one (token row, block of columns), grid (T, cdiv(V_local, BLOCK)): writes d/dlogits of
+    the module docstring into the contiguous `[T, V_local]` `g_ptr` (0 in columns >= width), from the `[k, T]`
+    per-token rows of `coef_ptr`: lse_S, c_logp, c_const, g_y (, lse_T, c_logq, c_q when HAS_TEACHER)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < width
@@ -175,16 +183,16 @@ def _stats_bwd_kernel(s_ptr, t_ptr, tgt_ptr, coef_ptr, g_ptr, n_rows, stride_s, 
         tl.store(dst, g.to(g_ptr.dtype.element_ty), mask=cols < v_local)
 
 
-INTERPRETED = isinstance(_stats_fwd_kernel, InterpretedFunction)
+INTERPRETED = isinstance(stats_fwd_kernel, InterpretedFunction)
 """True when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import): they then run on CPU
 tensors, slowly; False: compiled for the GPU."""
 
-# Columns per block and warps per program. GPU (not timed yet): 8 warps; forward 2048 columns, backward 4096. ptxas
-# for sm_90 (Triton 3.9, bf16 with teacher): forward 48 registers per thread, no spills (4096 columns: 108, fewer
-# programs resident per SM); backward 72, no spills. Interpreter (tests): 64 columns, so that a few hundred columns
-# already span several blocks and two splits per row, and the online rescaling and the split merge run in every test.
-_GPU = {"fwd_block": 2048, "bwd_block": 4096, "num_warps": 8}
-_INTERPRETER = {"fwd_block": 64, "bwd_block": 64, "num_warps": 1}
+# Columns per block and warps per program. GPU: 8 warps; forward 2048 columns (a 4096-column forward block needs
+# about twice the registers per thread, so fewer programs stay resident per SM), backward 4096; neither spills
+# registers on sm_90. Interpreter (tests): 64 columns, so that a few hundred columns already span several blocks and
+# two splits per row, and the online rescaling and the split merge run in every test.
+GPU_LAUNCH = {"fwd_block": 2048, "bwd_block": 4096, "num_warps": 8}
+INTERPRETER_LAUNCH = {"fwd_block": 64, "bwd_block": 64, "num_warps": 1}
 
 
 def _default_splits(T: int, width: int, block: int, device: torch.device) -> int:
@@ -210,7 +218,7 @@ def _local_partials(student, teacher, tgt_local, width, inv_temp, block, splits,
     splits = -(-width // split_cols)
     part = torch.empty(n_part, splits, T, dtype=torch.float32, device=student.device)
     t = teacher if has_teacher else student
-    _stats_fwd_kernel[(T, splits)](
+    stats_fwd_kernel[(T, splits)](
         student, t, tgt_local, part, T, student.stride(0), t.stride(0), width, split_cols, inv_temp,
         HAS_TEACHER=has_teacher, BLOCK=block, num_warps=num_warps,
     )
@@ -223,7 +231,7 @@ def _merge(part, has_teacher, has_tgt, valid_tgt, group):
     rows_m = [_M_S, _M_T] if has_teacher else [_M_S]
     m = part[rows_m]  # [nrow, splits, T]
     mg = m.amax(dim=1)
-    _all_reduce(mg, dist.ReduceOp.MAX, group)  # collective 1: the global maxima
+    group_all_reduce(mg, dist.ReduceOp.MAX, group)  # collective 1: the global maxima
     d = m - mg.unsqueeze(1)  # <= 0; -inf for empty splits and shards
     d_s = d[0]
     se_s = part[_SE_S]
@@ -238,7 +246,7 @@ def _merge(part, has_teacher, has_tgt, valid_tgt, group):
     tot[2] = torch.where(has_tgt, tot[2] - mg[0], zero)  # z_S[y] - M_S on the rank holding the target
     if has_teacher:
         tot[7] = torch.where(has_tgt, tot[7] - mg[1], zero)
-    _all_reduce(tot, dist.ReduceOp.SUM, group)  # collective 2: the global sums
+    group_all_reduce(tot, dist.ReduceOp.SUM, group)  # collective 2: the global sums
     log_se_s = torch.log(tot[0])
     ent = log_se_s - tot[1] / tot[0]
     logp = torch.where(valid_tgt, tot[2] - log_se_s, zero)
@@ -256,15 +264,15 @@ def _moved_torch(a, d_scale, d_shift, se):
     return torch.exp(d_scale) * (a + torch.where(se == 0, 0.0, d_shift) * se)
 
 
-class _TritonTokenStats(torch.autograd.Function):
-    """Autograd function of the Triton path; outputs as `vocab_parallel._VocabParallelTokenStats`."""
+class TritonTokenStats(torch.autograd.Function):
+    """Autograd function of the Triton path; outputs as `torch_kernels.TorchTokenStats`."""
 
     @staticmethod
     def forward(ctx, student, teacher, targets, group, vocab_start, vocab_size, temp, check_finite, block, splits):
         T, v_local = student.shape
         width = max(0, min(vocab_size - vocab_start, v_local))
         has_teacher = teacher is not None
-        cfg = _INTERPRETER if INTERPRETED else _GPU
+        cfg = INTERPRETER_LAUNCH if INTERPRETED else GPU_LAUNCH
         inv_temp = 1.0 / temp
         valid_tgt = targets >= 0
         tgt_local = targets - vocab_start
@@ -279,12 +287,12 @@ class _TritonTokenStats(torch.autograd.Function):
             lse = torch.empty(2 if has_teacher else 1, 0, device=student.device)
             outs = torch.empty(5 if has_teacher else 2, 0, device=student.device)
         if check_finite and T > 0:
-            chunk = default_chunk_size(-(-vocab_size // _world(group)), student.device)  # error path only
-            _raise_if_nonfinite(outs, has_teacher, targets, vocab_size, student, teacher, width, temp,
-                                torch.float32, chunk, group)
+            chunk = default_chunk_size(-(-vocab_size // group_size(group)), student.device)  # error path only
+            raise_if_nonfinite(outs, has_teacher, targets, vocab_size, student, teacher, width, temp,
+                               torch.float32, chunk, group)
         ctx.save_for_backward(student, teacher, tgt_local, has_tgt, valid_tgt, lse, outs)
         ctx.meta = (width, inv_temp, has_teacher, block)
-        return _function_outputs(ctx, outs, has_teacher)
+        return function_outputs(ctx, outs, has_teacher)
 
     @staticmethod
     def backward(ctx, g_lp, g_h, *rest):
@@ -293,7 +301,7 @@ class _TritonTokenStats(torch.autograd.Function):
         nones = (None,) * 9
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        c_logp, c_logq, c_const, c_q, g_y, use_teacher = _grad_coefficients(
+        c_logp, c_logq, c_const, c_q, g_y, use_teacher = grad_coefficients(
             outs, valid_tgt, has_tgt, has_teacher, g_lp, g_h, rest, torch.float32)
         T, v_local = student.shape
         grad = torch.empty(T, v_local, dtype=student.dtype, device=student.device)
@@ -301,10 +309,10 @@ class _TritonTokenStats(torch.autograd.Function):
             return (grad,) + nones
         rows = [lse[0], c_logp, c_const, g_y] + ([lse[1], c_logq, c_q] if use_teacher else [])
         coef = torch.stack(rows).contiguous()
-        cfg = _INTERPRETER if INTERPRETED else _GPU
+        cfg = INTERPRETER_LAUNCH if INTERPRETED else GPU_LAUNCH
         bwd_block = block or cfg["bwd_block"]
         t = teacher if use_teacher else student
-        _stats_bwd_kernel[(T, triton.cdiv(v_local, bwd_block))](
+        stats_bwd_kernel[(T, triton.cdiv(v_local, bwd_block))](
             student, t, tgt_local, coef, grad, T, student.stride(0), t.stride(0), width, v_local, inv_temp,
             HAS_TEACHER=use_teacher, BF16_OUT=student.dtype == torch.bfloat16, BLOCK=bwd_block,
             num_warps=cfg["num_warps"],
@@ -322,5 +330,5 @@ def triton_token_stats(student, teacher, targets, group, vocab_start: int, vocab
         student = student.contiguous()
     if teacher is not None and teacher.stride(-1) != 1:
         teacher = teacher.contiguous()
-    return _TritonTokenStats.apply(student, teacher, targets.long(), group, int(vocab_start), int(vocab_size),
-                                   float(temperature), bool(check_finite), block, num_splits)
+    return TritonTokenStats.apply(student, teacher, targets.long(), group, int(vocab_start), int(vocab_size),
+                                  float(temperature), bool(check_finite), block, num_splits)
