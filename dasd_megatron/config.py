@@ -3,32 +3,25 @@
 Each component owns its sub-config; `RunConfig` gathers them. Every check runs at construction (and the cross-field
 layout check in `RunConfig.validate_layout`, before any process group starts), and every error names the dotted
 field, the bad value, the rule and the fix. Model *architecture* is never typed here: it is read from a Hugging Face
-`config.json` (see `dasd_megatron.model.hf_config`).
+`config.json` (see `dasd_megatron.model.hf_config`). `ConfigError` and `config_error` live in the leaf module
+`dasd_megatron.errors` (the sub-configs import them from there) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any, Literal, Optional
 
-if TYPE_CHECKING:
-    from dasd_megatron.loss.config import DASDLossConfig
-    from dasd_megatron.train.config import TrainConfig
-    from dasd_megatron.data.config import DataConfig
-    from dasd_megatron.reward import RewardConfig
-    from dasd_megatron.train.config import OptimConfig, RolloutConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field, the value, the rule and the fix."""
-
-
-def config_error(field_name: str, value: Any, rule: str, fix: str) -> ConfigError:
-    return ConfigError(f"{field_name}={value!r}: {rule}. Fix: {fix}")
+from dasd_megatron.data.config import DataConfig
+from dasd_megatron.errors import ConfigError, config_error
+from dasd_megatron.loss.config import DASDLossConfig
+from dasd_megatron.reward.config import RewardConfig
+from dasd_megatron.train.config import OptimConfig, RolloutConfig, TrainConfig
 
 
 def _divisors(n: int) -> list[int]:
@@ -142,42 +135,6 @@ class PrecisionConfig:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.params_dtype]
 
 
-def _loss_config():
-    from dasd_megatron.loss.config import DASDLossConfig
-
-    return DASDLossConfig()
-
-
-def _optim_config():
-    from dasd_megatron.train.config import OptimConfig
-
-    return OptimConfig()
-
-
-def _train_config():
-    from dasd_megatron.train.config import TrainConfig
-
-    return TrainConfig()
-
-
-def _rollout_config():
-    from dasd_megatron.train.config import RolloutConfig
-
-    return RolloutConfig()
-
-
-def _data_config():
-    from dasd_megatron.data.config import DataConfig
-
-    return DataConfig()
-
-
-def _reward_config():
-    from dasd_megatron.reward import RewardConfig
-
-    return RewardConfig()
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """The whole run: each component's sub-config."""
@@ -185,12 +142,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    loss: "DASDLossConfig" = field(default_factory=_loss_config)
-    optim: "OptimConfig" = field(default_factory=_optim_config)
-    train: "TrainConfig" = field(default_factory=_train_config)
-    data: "DataConfig" = field(default_factory=_data_config)
-    reward: "RewardConfig" = field(default_factory=_reward_config)
-    rollout: "RolloutConfig" = field(default_factory=_rollout_config)
+    loss: DASDLossConfig = field(default_factory=DASDLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -314,24 +271,18 @@ def _coerce(field_name: str, annotation: Any, raw: str) -> Any:
     return json.loads(raw)
 
 
-def _nested_type(cls, f: dataclasses.Field):
-    """The dataclass type of a sub-config field (from its default), or None for a leaf field."""
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        default = f.default_factory()  # type: ignore[misc]
-    else:
-        default = f.default
-    return type(default) if dataclasses.is_dataclass(default) else None
+@functools.lru_cache(maxsize=None)
+def field_types(cls) -> dict[str, Any]:
+    """The resolved annotation of each field of the config dataclass `cls` (string annotations evaluated in the
+    module that defines it, by `typing.get_type_hints`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _leaf_type(cls, name: str):
-    """The annotation of one leaf field, evaluated alone in its class's module (leaf annotations are builtins,
-    Literal and Optional, so no sub-config module needs importing)."""
-    import sys
-
-    ann = {f.name: f.type for f in dataclasses.fields(cls)}[name]
-    if isinstance(ann, str):
-        ann = eval(ann, vars(sys.modules[cls.__module__]))  # noqa: S307 - our own annotation strings
-    return ann
+def _nested_type(cls, name: str):
+    """The dataclass type of a sub-config field, or None for a leaf field."""
+    t = field_types(cls)[name]
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
 
 
 def apply_overrides(cfg, overrides: list[str]):
@@ -371,7 +322,7 @@ def _rebuild(obj, tree: dict, prefix: str):
             raw, key = sub
             if dataclasses.is_dataclass(value):
                 raise ConfigError(f"{key}: is a section; set its fields instead, e.g. {key}.<field>=VALUE")
-            kwargs[name] = _coerce(key, _leaf_type(type(obj), name), raw)
+            kwargs[name] = _coerce(key, field_types(type(obj))[name], raw)
     return dataclasses.replace(obj, **kwargs)
 
 
@@ -381,14 +332,13 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, data: dict):
     """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = set(fields)
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}. Fix: use only {sorted(names)}")
     kwargs = {}
     for k, v in data.items():
-        t = _nested_type(cls, fields[k])
+        t = _nested_type(cls, k)
         if t is not None and isinstance(v, dict):
             v = from_dict(t, v)
         elif isinstance(v, list):

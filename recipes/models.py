@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dasd_megatron.config import ConfigError
+from dasd_megatron.errors import ConfigError
 
 HF_CONFIG_DIR = Path(__file__).resolve().parent / "hf_configs"
 

@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 from typing import Callable
 
-from dasd_megatron.config import ConfigError
+from dasd_megatron.errors import ConfigError
 from dasd_megatron.launch.spec import Recipe
 
 _RECIPES: dict[str, Callable[[], Recipe]] = {}

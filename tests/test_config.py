@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import typing
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -14,6 +17,7 @@ from dasd_megatron.config import (
     PrecisionConfig,
     RunConfig,
     apply_overrides,
+    field_types,
     from_dict,
     to_dict,
     validate_layout,
@@ -106,6 +110,45 @@ def test_overrides_and_round_trip():
         apply_overrides(cfg, ["parallel.tensor"])
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['bogus'\]"):
         from_dict(RunConfig, {"bogus": 1})
+
+
+def test_field_types_resolve_every_annotation_to_a_real_type():
+    """Sub-config sections resolve to their dataclasses and leaves to their typing objects (no string annotations
+    left), so overrides of every section's fields coerce by type."""
+    from dasd_megatron.data.config import DataConfig, PromptConfig
+    from dasd_megatron.loss.config import DASDLossConfig
+    from dasd_megatron.reward import RewardConfig
+    from dasd_megatron.train.config import OptimConfig, RolloutConfig, TrainConfig
+
+    types = field_types(RunConfig)
+    assert (types["loss"], types["optim"], types["train"], types["data"], types["reward"], types["rollout"]) == (
+        DASDLossConfig, OptimConfig, TrainConfig, DataConfig, RewardConfig, RolloutConfig)
+    assert field_types(DataConfig)["prompt"] is PromptConfig
+    assert field_types(TrainConfig)["teacher"] == typing.Literal["current", "frozen", "ema"]
+    assert field_types(RewardConfig)["worker_memory_mb"] == typing.Optional[int]
+    for cls in (RunConfig, DASDLossConfig, OptimConfig, TrainConfig, DataConfig, PromptConfig, RewardConfig,
+                RolloutConfig):
+        assert not [n for n, t in field_types(cls).items() if isinstance(t, str)], cls
+    cfg = apply_overrides(RunConfig(), ["reward.worker_memory_mb=null", "train.teacher=ema", "loss.is_cap=3",
+                                        "data.prompt.chat_template=plain", "rollout.temperature=1.0"])
+    assert (cfg.reward.worker_memory_mb, cfg.train.teacher, cfg.loss.is_cap, cfg.data.prompt.chat_template) == (
+        None, "ema", 3.0, "plain")
+
+
+def test_errors_module_is_a_leaf_and_config_re_exports_it():
+    """`dasd_megatron.errors` imports nothing from the package (every sub-config imports it), and the `ConfigError`
+    that `dasd_megatron.config` re-exports is the same class the sub-configs raise."""
+    import dasd_megatron.errors as errors
+    from dasd_megatron.reward import RewardConfig
+
+    tree = ast.parse(Path(errors.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] in ("dasd_megatron", "recipes")], imported
+    assert ConfigError is errors.ConfigError
+    with pytest.raises(errors.ConfigError, match=r"^reward.num_workers=0: must be an integer >= 1. Fix: "):
+        RewardConfig(num_workers=0)
+    assert str(errors.config_error("a.b", "x", "rule", "fix")) == "a.b='x': rule. Fix: fix"
 
 
 def test_hf_architectures(tmp_path):

@@ -114,3 +114,27 @@ def test_last_number_fallback_is_off_by_default_and_comes_last():
     assert extract_answer(r"\boxed{10} or 12", last_number_fallback=True) == "10"         # a box before either
     assert extract_answer(r"12 then \boxed{10", last_number_fallback=True) is None        # a truncated box: missing
     assert extract_answer("no digits", last_number_fallback=True) is None
+
+
+def test_package_exports_each_name_from_the_module_that_defines_it():
+    """`dasd_megatron.reward` re-exports the public API its callers use; each name lives in one module of the
+    package (extract, verify, pool, result, config)."""
+    import importlib
+
+    import dasd_megatron.reward as reward
+
+    homes = {
+        "extract": {"answer_line", "extract_answer", "last_boxed", "last_number", "normalize_golds"},
+        "verify": {"math_verify_check", "to_parse_input"},
+        "pool": {"RewardScorer"},
+        "result": {"STATUSES", "RewardResult", "summarize"},
+        "config": {"RewardConfig"},
+    }
+    assert set(reward.__all__) == set().union(*homes.values())
+    for module, names in homes.items():
+        home = importlib.import_module(f"dasd_megatron.reward.{module}")
+        for name in names:
+            obj = getattr(reward, name)
+            assert getattr(home, name) is obj, (name, module)
+            assert getattr(obj, "__module__", home.__name__) == home.__name__, (name, obj.__module__)
+    assert reward.STATUSES == ("correct", "incorrect", "unparseable", "timeout", "error")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from dasd_megatron.config import config_error
+from dasd_megatron.errors import config_error
 
 SCHEMAS = ("auto", "dapo", "gsm8k", "math", "minerva", "olympiadbench", "aime", "plain")
 CONTEXT_KINDS = ("solution", "sibling", "answer_hint")

@@ -1,7 +1,8 @@
 """`DASDLossConfig`: the frozen, validated configuration of the DASD objective (see docs/METHOD.md).
 
 The config is meant to live at `loss` in the run config, so validation errors name fields as `loss.<field>`
-(for example `loss.rho=1.5: must satisfy 0 < rho < 1. Fix: ...`) and are raised as `ConfigError` (a `ValueError`) at construction.
+(for example `loss.rho=1.5: must satisfy 0 < rho < 1. Fix: ...`) and are raised as `dasd_megatron.errors.ConfigError`
+(a `ValueError`) at construction.
 
 Defaults marked "ours" are not published by the paper (METHOD.md, "Defaults and the points the paper leaves open")
 and are fields precisely so runs can change them:
@@ -44,7 +45,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from dasd_megatron.config import ConfigError
+from dasd_megatron.errors import config_error
 
 from .vocab_parallel import KERNEL_BACKENDS
 
@@ -58,7 +59,8 @@ def _cuda_available() -> bool:
 
 
 def _fail(name: str, value: object, rule: str, fix: str) -> None:
-    raise ConfigError(f"{_SECTION}.{name}={value!r}: {rule}. Fix: {fix}.")
+    """Raise the `ConfigError` of field `loss.<name>` (its fix ends with a period)."""
+    raise config_error(f"{_SECTION}.{name}", value, rule, f"{fix}.")
 
 
 def _finite(name: str, value: object) -> float:

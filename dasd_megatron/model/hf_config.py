@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from dasd_megatron.config import ConfigError
+from dasd_megatron.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = {
     "qwen2": "Qwen2 / Qwen2.5 dense (QKV bias)",

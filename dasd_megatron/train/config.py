@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from dasd_megatron.config import config_error
+from dasd_megatron.errors import config_error
 
 
 @dataclass(frozen=True)
