@@ -22,14 +22,14 @@ and are fields precisely so runs can change them:
 | advantage_std_normalize | True: A_G = (r - mean_g) / (std_g + advantage_eps), Bessel-corrected std | paper |
 | temperature | 1.0: must equal the rollout engine's sampling temperature | - |
 | chunk_size | None: tokens per kernel chunk from `default_chunk_size` | - |
-| kernel_backend | 'auto' (= 'torch' until the Triton kernels are checked on a GPU), 'torch', 'triton' | - |
+| kernel_backend | 'auto' (= 'torch'), 'torch', 'triton' | - |
 | compile_kernels | None (auto: on with CUDA, off on CPU): torch.compile the torch backend's chunk math, see below | - |
 | check_finite | True: raise on NaN/inf logits (one host sync per kernel call) | - |
 
-compile_kernels: on an H200 (T=16384, V=151936, bf16, forward + backward) the eager chunked kernels took 314 ms,
-slower than a naive fp32 implementation (194 ms); compiled they took 43 ms. Eager is the CPU and reference path.
+compile_kernels: eager chunked kernels launch many small ops per chunk; compiled, the chunk math fuses (the
+measured gap is in the README's `bench/loss.py` paragraph). Eager is the CPU and reference path.
 kernel_backend: 'triton' (`triton_kernels.py`) reads the logits once per direction and needs two collectives per
-call (compile_kernels has no effect on it). It is opt-in until it has run and been timed on a GPU.
+call (compile_kernels has no effect on it). It is opt-in (see the README for what has been measured of it).
 
 `cfg.kernel_kwargs` holds the keyword arguments of `vocab_parallel_token_stats` that come from this config.
 
