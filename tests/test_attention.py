@@ -27,7 +27,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from dasd_megatron.model.attention import SDPACoreAttention, _sdpa
+from dasd_megatron.model.attention import SDPACoreAttention, sdpa
 from dasd_megatron.testing.distributed import run_distributed
 
 NP, NG, HN = 4, 2, 8  # query heads, query groups (GQA 2:1), head dim
@@ -441,7 +441,7 @@ def test_cuda_parity_with_megatron_and_kernels():
     for L, S in ((128, 128), (32, 96)):
         q, k, v = rand(2, NP, L, 64, gen=g), rand(2, NG, S, 64, gen=g), rand(2, NG, S, 64, gen=g)
         qc, kc, vc = (x.cuda().bfloat16() for x in (q, k, v))
-        out = _sdpa(qc, kc, vc, causal=True, allowed=None, scale=0.125, dropout_p=0.0)
+        out = sdpa(qc, kc, vc, causal=True, allowed=None, scale=0.125, dropout_p=0.0)
         ref = ref_attention(*(x.permute(2, 0, 1, 3) for x in (qc.double().cpu(), kc.double().cpu(), vc.double().cpu())))
         assert_close(out.permute(2, 0, 1, 3).reshape(L, 2, -1).cpu(), ref, 3e-2, f"cuda sdpa L={L} S={S}")
     # packed thd on CUDA bf16: the varlen flash path and the per-document loop, padding and a tail included

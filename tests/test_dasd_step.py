@@ -11,14 +11,16 @@ slack of 2e-5 of the tensor's largest gradient for entries that are sums of canc
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
 import pytest
 import torch
 
+import hf_fixtures
 from dasd_megatron.testing.distributed import run_distributed
+
+hf_dir = hf_fixtures.tiny_qwen3_dir  # the pytest fixture: a tiny Qwen3 config folder
 
 G, GROUPS = 3, 2
 
@@ -113,32 +115,22 @@ def _worker(rank, world_size, hf_dir, ckpt, layouts, with_reference):
         ddp = wrap_ddp(model)
         step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
         mine = list(range(len(rollouts)))[ctx.dp_rank::ctx.dp]  # DP: interleaved share of the rollouts
-        packs = step.pack([rollouts[i] for i in mine], mine)
-        step.score(packs)
-        rs = step.rollout_stats(packs, len(rollouts))
-        result = step.train(packs, adv, rs)
-        summary = step._summarise(result["reports"], result["metrics"])
+        micro_batches = step.build_micro_batches([rollouts[i] for i in mine], mine)
+        scores = step.score(micro_batches)
+        rs = step.rollout_stats(micro_batches, scores, len(rollouts))
+        summary = step.summarise(step.train_after_scoring(micro_batches, scores, adv, rs))
         res["loss"] = summary["loss/dasd"]
-        res["num_micro_batches"] = len(packs)
+        res["num_micro_batches"] = len(micro_batches)
         res["grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         res["metrics"] = summary
         # the single pass (what `run` does at PP=1): teacher forward, old log-probs and rollout statistics from the
-        # training pass itself; the same packs, so the same loss and gradients
-        single = step.train(step.pack([rollouts[i] for i in mine], mine), adv, None, single_pass=True)
-        res["sp_loss"] = step._summarise(single["reports"], single["metrics"])["loss/dasd"]
+        # training pass itself; the same micro-batches, so the same loss and gradients
+        single = step.train_single_pass(step.build_micro_batches([rollouts[i] for i in mine], mine), adv)
+        res["sp_loss"] = step.summarise(single)["loss/dasd"]
         res["sp_grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         out[name] = res
         ps.destroy_model_parallel()
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from dasd_megatron.model.hf_config import tiny_config
-
-    d = tmp_path_factory.mktemp("dasd_step")
-    (d / "config.json").write_text(json.dumps(tiny_config("qwen3", num_hidden_layers=2)))
-    return str(d)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +159,10 @@ def test_step_matches_unpacked_float64_reference(single, estimator):
     _grads_close(r["sp_grads"], r["ref_grads"], f"{estimator}, single pass")
     m = r["metrics"]
     assert 0.0 <= m["router/omega_pos_frac"] <= 1.0 and m["loss/num_tokens"] > 0
+    # 'sum' reduction: the per-micro-batch loss sums, divided by the token count in `summarise`, give the token mean
+    # (one rank: the same as loss/dasd), and its two parts add up to it
+    assert m["loss/total"] == pytest.approx(r["loss"], rel=1e-6, abs=1e-9)
+    assert m["loss/pg"] + m["loss/distill"] == pytest.approx(m["loss/total"], rel=1e-6, abs=1e-9)
 
 
 def test_step_tp2_sp_and_dp2_match_tp1(hf_dir, single):
@@ -220,10 +216,11 @@ def _teacher_worker(rank, world_size, hf_dir, mode, estimator):
     teacher_before = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
     ddp = wrap_ddp(model)
     step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx, teacher=teacher)
-    packs = step.pack(rollouts, list(range(len(rollouts))))
-    step.score(packs)
-    result = step.train(packs, adv, step.rollout_stats(packs, len(rollouts)))
-    loss = step._summarise(result["reports"], result["metrics"])["loss/dasd"]
+    micro_batches = step.build_micro_batches(rollouts, list(range(len(rollouts))))
+    scores = step.score(micro_batches)
+    losses = step.train_after_scoring(micro_batches, scores, adv, step.rollout_stats(micro_batches, scores,
+                                                                                     len(rollouts)))
+    loss = step.summarise(losses)["loss/dasd"]
     grads = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}  # the step clips in place
     from dasd_megatron.train.engine import optimizer_step
 

@@ -45,7 +45,7 @@ def _train_and_save(rank, world_size, hf, root, pp, cp, dtype, dist_opt):
     torch.manual_seed(0)
     tokens = torch.randint(0, arch.vocab_size, (1, 17))
     if cp > 1:
-        from dasd_megatron.loss.cp_align import ZigZagLayout
+        from dasd_megatron.parallel_layout import ZigZagLayout
 
         idx = ZigZagLayout([16], cp).local_positions(ctx.cp_rank)
     else:

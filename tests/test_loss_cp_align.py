@@ -170,6 +170,30 @@ def test_zigzag_rejects_bad_lengths():
         ZigZagLayout([16, 10], 2)
 
 
+def test_gathered_index_hand_computed():
+    """Documents of 4 and 8 tokens at CP=2. Rank 0 holds chunks 0 and 3 of each: positions [0, 3, 4, 5, 10, 11];
+    rank 1 chunks 1 and 2: [1, 2, 6, 7, 8, 9]. In the rank-major concatenation of both, global position p sits at
+    row idx[p]."""
+    from dasd_megatron.parallel_layout import zigzag_global_index
+
+    lay = ZigZagLayout([4, 8], 2)
+    assert lay.local_positions(0).tolist() == [0, 3, 4, 5, 10, 11]
+    assert lay.local_positions(1).tolist() == [1, 2, 6, 7, 8, 9]
+    want = [0, 6, 7, 1, 2, 3, 8, 9, 10, 11, 4, 5]
+    assert lay.gathered_index().tolist() == want
+    assert zigzag_global_index([4, 0, 8], 2).tolist() == want  # an empty document holds no rows
+    assert lay.local_index(torch.arange(12)).tolist() == [0, 0, 1, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+    with pytest.raises(ValueError, match="document length 6 is not a multiple of 2\\*cp = 4"):
+        zigzag_global_index([4, 6], 2)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_gathered_index_inverts_the_rank_major_concatenation(cp):
+    lay = ZigZagLayout([2 * cp * n for n in (3, 1, 5)], cp)
+    gathered = torch.cat([lay.local_positions(r) for r in range(cp)])  # global position of each gathered row
+    assert torch.equal(gathered[lay.gathered_index()], torch.arange(lay.total))
+
+
 def test_overlapping_spans_rejected():
     with pytest.raises(ValueError, match="spans overlap in teacher"):
         ResponseSpans(student_start=[0, 10], teacher_start=[0, 4], length=[5, 5])

@@ -13,8 +13,11 @@ import math
 
 import pytest
 
+import hf_fixtures
 from dasd_megatron.config import ConfigError, RunConfig, apply_overrides
 from dasd_megatron.train.config import OptimConfig
+
+hf_dir = hf_fixtures.tiny_qwen3_dir  # the pytest fixture: a tiny Qwen3 config folder
 
 LR, MIN_LR, WARMUP, STEPS = 1e-3, 1e-4, 4, 20
 
@@ -193,17 +196,6 @@ def _step_worker(rank, world_size, hf_dir, steps_to_run):
                     "n_moved": moved.numel()})
     ps.destroy_model_parallel()
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    import json
-
-    from dasd_megatron.model.hf_config import tiny_config
-
-    d = tmp_path_factory.mktemp("lr_schedule")
-    (d / "config.json").write_text(json.dumps(tiny_config("qwen3", num_hidden_layers=2)))
-    return str(d)
 
 
 def test_dasd_step_applies_the_schedule(hf_dir):

@@ -6,12 +6,10 @@ lives on a different CP rank than the student row that scores it. The loss needs
 
 The alignment chosen here: **move teacher rows to the student's layout, with one all_to_all_single.**
 
-* Layout (`ZigZagLayout`): a batch of sequences concatenated into one stream of global positions (THD packing; a
-  BSHD batch of b sequences of length S is `seq_lens=[S] * b`). Each sequence of length L (L divisible by 2*cp) is
-  cut into 2*cp chunks of L/(2*cp) and CP rank r holds chunks r and 2*cp-1-r, in that order, sequence after
-  sequence: exactly `megatron.core.utils.get_batch_on_this_cp_rank` applied to each sequence (and TE's THD
-  partitioning for packed sequences). A rank's local rows must be in the order of `local_positions(rank)` (for
-  BSHD: flatten the local `[b, S/cp, ...]` batch-major).
+* Layout (`ZigZagLayout`, dasd_megatron/parallel_layout.py, shared with the attention): a batch of sequences
+  concatenated into one stream of global positions; each sequence is cut into 2*cp chunks and CP rank r holds
+  chunks r and 2*cp-1-r (megatron's `get_batch_on_this_cp_rank`). A rank's local rows must be in the order of
+  `local_positions(rank)` (for BSHD: flatten the local `[b, S/cp, ...]` batch-major).
 * Positions are positions of *logits rows*: the row at position p predicts token p + 1 (labels shifted before the
   split). `ResponseSpans` says, per rollout i, that student rows `[student_start_i, student_start_i + length_i)` and
   teacher rows `[teacher_start_i, teacher_start_i + length_i)` score the same response tokens (global positions;
@@ -37,48 +35,14 @@ After alignment, the per-rollout router statistics still need the whole rollout:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from dasd_megatron.parallel_layout import ZigZagLayout
+
 __all__ = ["ZigZagLayout", "ResponseSpans", "align_teacher_rows"]
-
-
-class ZigZagLayout:
-    """Megatron's zig-zag CP layout of a concatenated batch of sequences (see the module docstring)."""
-
-    def __init__(self, seq_lens: Union[Sequence[int], torch.Tensor], cp_size: int):
-        lens = torch.as_tensor(seq_lens, dtype=torch.int64).flatten().cpu()
-        if cp_size < 1:
-            raise ValueError(f"cp_size must be >= 1, got {cp_size}")
-        bad = lens[(lens % (2 * cp_size) != 0) | (lens <= 0)] if cp_size > 1 else lens[lens <= 0]
-        if bad.numel():
-            raise ValueError(f"sequence lengths {bad.tolist()} are not positive multiples of 2*cp_size={2 * cp_size}; "
-                             "pad each sequence to a multiple of 2*cp_size before the CP split")
-        self.cp_size = cp_size
-        self.seq_lens = lens
-        self.cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
-        self.total = int(self.cu[-1])
-
-    def local_positions(self, cp_rank: int) -> torch.Tensor:
-        """Global positions of the rows held by `cp_rank`, in local order."""
-        cp = self.cp_size
-        pos = torch.arange(self.total, dtype=torch.int64)
-        if cp == 1:
-            return pos
-        return pos[self.owner(pos) == cp_rank]  # owner() is monotone within a rank's rows: local order = global order
-
-    def owner(self, pos: torch.Tensor) -> torch.Tensor:
-        """CP rank holding each global position."""
-        cp = self.cp_size
-        pos = pos.cpu()
-        if cp == 1:
-            return torch.zeros_like(pos)
-        seq = torch.searchsorted(self.cu[1:], pos, right=True)
-        off = pos - self.cu[seq]
-        chunk = off // (self.seq_lens[seq] // (2 * cp))
-        return torch.where(chunk < cp, chunk, 2 * cp - 1 - chunk)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ documents define the mask). Passing ``attention_mask=None`` keeps the fast flash
 
 Context parallelism (CP size cp > 1, self-attention only)
 
-- Layout (megatron's ``get_batch_on_this_cp_rank``): the sequence of length S is cut into 2*cp chunks of
-  c = S / (2*cp) tokens; CP rank r holds chunks r and 2*cp-1-r, locally ordered [chunk r, chunk 2*cp-1-r].
+- Layout (megatron's ``get_batch_on_this_cp_rank``, computed by ``dasd_megatron.parallel_layout``): the
+  sequence of length S is cut into 2*cp chunks of c = S / (2*cp) tokens; CP rank r holds chunks r and
+  2*cp-1-r, locally ordered [chunk r, chunk 2*cp-1-r].
   With thd, every document is padded to a multiple of 2*cp (``cu_seqlens_q_padded``, global offsets) and split
   the same way (Transformer Engine's ``thd_get_partitioned_indices``); the local pack is the concatenation of
   each document's two local chunks, so document i starts at ``cu_seqlens_q_padded[i] / cp`` locally.
@@ -61,7 +62,7 @@ import inspect
 import logging
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dasd_megatron.parallel_layout import zigzag_global_index
 
 try:  # torch >= 2.3
     from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
@@ -88,7 +91,7 @@ except Exception:  # noqa: BLE001 - absent or changed API: the per-document loop
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDPACoreAttention", "all_gather_cp", "zigzag_global_index"]
+__all__ = ["SDPACoreAttention", "all_gather_cp", "sdpa"]
 
 _CAUSAL_TYPES = {"causal", "padding_causal", "causal_bottom_right"}
 _NONCAUSAL_TYPES = {"no_mask", "padding", "arbitrary"}
@@ -132,37 +135,12 @@ def all_gather_cp(x: Tensor, group) -> Tensor:
     return _AllGatherCP.apply(x, group)
 
 
-def zigzag_global_index(doc_lengths: Sequence[int], cp: int, device=None) -> Tensor:
-    """Index that turns the rank-major concatenation of zig-zag CP shards into global order.
-
-    ``doc_lengths`` are the (padded) lengths of the documents of one pack, each a multiple of 2*cp (one
-    document for plain sbhd sequences). Rank j's local shard is, document after document, [chunk j, chunk
-    2*cp-1-j] of that document (chunk length c = length / (2*cp)); the gathered tensor is rank 0's shard, then
-    rank 1's, ... Returns ``idx`` with ``gathered[idx]`` in global (unsharded) order.
-    """
-    t_local = sum(doc_lengths) // cp
-    pieces = []
-    local_start = 0
-    for length in doc_lengths:
-        c = length // (2 * cp)
-        if c * 2 * cp != length:
-            raise ValueError(f"document length {length} is not a multiple of 2*cp = {2 * cp}")
-        ar = torch.arange(c)
-        for k in range(2 * cp):
-            owner, half = (k, 0) if k < cp else (2 * cp - 1 - k, 1)
-            pieces.append(owner * t_local + local_start + half * c + ar)
-        local_start += 2 * c
-    if not pieces:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(pieces).to(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # The attention kernel call
 # --------------------------------------------------------------------------------------------------
 
 
-def _sdpa(
+def sdpa(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -435,7 +413,7 @@ class SDPACoreAttention(MegatronModule):
         if cp == 1:
             k = key.permute(1, 2, 0, 3)
             v = value.permute(1, 2, 0, 3)
-            out = _sdpa(q, k, v, causal=causal, allowed=allowed, scale=self.softmax_scale, dropout_p=dropout_p)
+            out = sdpa(q, k, v, causal=causal, allowed=allowed, scale=self.softmax_scale, dropout_p=dropout_p)
         else:
             if key.size(0) != sq or sq % 2:
                 raise ValueError(
@@ -453,7 +431,7 @@ class SDPACoreAttention(MegatronModule):
                     f"(megatron splits only the query dim), got {tuple(attention_mask.shape)}"
                 )
             if not causal:
-                out = _sdpa(q, kg, vg, causal=False, allowed=allowed, scale=self.softmax_scale, dropout_p=dropout_p)
+                out = sdpa(q, kg, vg, causal=False, allowed=allowed, scale=self.softmax_scale, dropout_p=dropout_p)
             else:
                 outs = []
                 for half, g in ((0, cp_rank), (1, 2 * cp - 1 - cp_rank)):
@@ -461,7 +439,7 @@ class SDPACoreAttention(MegatronModule):
                     n_keys = (g + 1) * c
                     a = None if allowed is None else allowed[..., rows, :n_keys]
                     outs.append(
-                        _sdpa(
+                        sdpa(
                             q[:, :, rows], kg[:, :, :n_keys], vg[:, :, :n_keys],
                             causal=True, allowed=a, scale=self.softmax_scale, dropout_p=dropout_p,
                         )
@@ -513,7 +491,7 @@ class SDPACoreAttention(MegatronModule):
             return x.transpose(0, 1).unsqueeze(0)
 
         def attend(qs: Tensor, ks: Tensor, vs: Tensor, is_causal: bool) -> Tensor:  # -> [n, np, hv]
-            o = _sdpa(
+            o = sdpa(
                 heads_first(qs), heads_first(ks), heads_first(vs),
                 causal=is_causal, allowed=None, scale=self.softmax_scale, dropout_p=dropout_p,
             )

@@ -10,9 +10,9 @@ Public API (all collective: see "Who calls, who receives"):
 
 What a bucket is: consecutive parameters in HF order (embedding, layer 0..L-1, final norm, lm_head) whose HF
 bytes (in the output dtype, vocabulary padding excluded) add up to at most `bucket_bytes` (a larger tensor gets a
-bucket of its own). `plan.buckets[i]` lists the HF names, shapes and dtypes of bucket i before any data moves, so
-a receiver (a rollout server) can allocate buffers up front. At most one bucket of gathered tensors is alive at a
-time (plus the model): the full model is never held twice.
+bucket of its own; `dasd_megatron.packing.next_fit`). `plan.buckets[i]` lists the HF names, shapes and dtypes of
+bucket i before any data moves, so a receiver (a rollout server) can allocate buffers up front. At most one bucket
+of gathered tensors is alive at a time (plus the model): the full model is never held twice.
 
 Who calls, who receives (the contract):
 
@@ -48,6 +48,7 @@ import torch.distributed as dist
 from dasd_megatron.model.hf_config import HFArchitecture
 from dasd_megatron.model.hf_import import local_params
 from dasd_megatron.model.hf_mapping import ConversionError, hf_shapes, order_key, resolve, to_hf
+from dasd_megatron.packing import next_fit
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 Receivers = Literal["sender", "all"]
@@ -132,16 +133,8 @@ def plan_export(model, arch: HFArchitecture, *, bucket_bytes: int = DEFAULT_BUCK
         dup = sorted({n for n in covered if covered.count(n) > 1})
         raise ConversionError(f"the model's parameters do not cover the HF checkpoint exactly (missing "
                               f"{missing[:3]}, duplicated {dup[:3]}). Fix: build the model from the same config.json")
-    buckets, current, size = [], [], 0
-    for it in items:
-        if current and size + it.nbytes > bucket_bytes:
-            buckets.append(tuple(current))
-            current, size = [], 0
-        current.append(it)
-        size += it.nbytes
-    if current:
-        buckets.append(tuple(current))
-    return ExportPlan(tuple(buckets), bucket_bytes, dtype)
+    buckets = tuple(tuple(items[i] for i in group) for group in next_fit([it.nbytes for it in items], bucket_bytes))
+    return ExportPlan(buckets, bucket_bytes, dtype)
 
 
 def iter_hf_weights(model, arch: HFArchitecture, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -307,16 +300,8 @@ class SafetensorsShardWriter:
 
     def __init__(self, out_dir: str, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         self.out_dir = out_dir
-        shards, current, size = [], [], 0
-        for name, shape, dt in tensors:
-            nbytes = _numel(shape) * torch.empty((), dtype=dt).element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append(name)
-            size += nbytes
-        if current:
-            shards.append(current)
+        sizes = [_numel(shape) * torch.empty((), dtype=dt).element_size() for _, shape, dt in tensors]
+        shards = [[tensors[i][0] for i in group] for group in next_fit(sizes, max_shard_bytes)]
         n = len(shards)
         self.file_of = {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, s in enumerate(shards) for name in s}
         self.remaining = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": set(s) for i, s in enumerate(shards)}

@@ -10,7 +10,8 @@ boundaries; the SDPA core attention keeps documents apart and RoPE restarts per 
 packs of one micro-batch hold the *same rollouts in the same order*, so their loss rows — the positions that predict
 response tokens, taken in order — line up one to one: row k of the student is the same (rollout, response token)
 as row k of the teacher. This alignment is what the vocab-parallel kernels need (student and teacher logits rows of
-equal shape). Context parallelism (which would scatter those rows over CP ranks) is not handled here yet.
+equal shape). Context parallelism would scatter those rows over CP ranks: the DASD step refuses it
+(`check_supported`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from dasd_megatron.packing import next_fit
 
 
 @dataclass(frozen=True)
@@ -76,27 +79,18 @@ class PackedBatch:
 
 
 def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_multiple: int = 1) -> list[list[int]]:
-    """Greedy in-order packing: consecutive rollouts share a micro-batch while both the student and the teacher
-    packs fit in `budget_tokens` (each padded to `pad_multiple`). Deterministic, so every run packs alike."""
+    """Greedy in-order packing (`next_fit`): consecutive rollouts share a micro-batch while both the student and the
+    teacher packs fit in `budget_tokens` (each rollout counted at its longer sequence, padded to `pad_multiple`).
+    Deterministic, so every run packs alike."""
     def padded(n: int) -> int:
         return -(-n // pad_multiple) * pad_multiple
 
-    plan: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
-    for i, r in enumerate(rollouts):
-        need = padded(max(r.length(False), r.length(True)))
-        if need > budget_tokens:
-            raise ValueError(f"rollout {i} needs {need} tokens, more than train.micro_batch_tokens={budget_tokens}; "
+    need = [padded(max(r.length(False), r.length(True))) for r in rollouts]
+    for i, n in enumerate(need):
+        if n > budget_tokens:
+            raise ValueError(f"rollout {i} needs {n} tokens, more than train.micro_batch_tokens={budget_tokens}; "
                              "raise the budget or lower max_prompt_tokens / max_response_tokens")
-        if cur and used + need > budget_tokens:
-            plan.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += need
-    if cur:
-        plan.append(cur)
-    return plan
+    return next_fit(need, budget_tokens)
 
 
 def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, rollout_ids: Sequence[int],

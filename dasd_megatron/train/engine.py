@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import torch
-
 from dasd_megatron.train.config import OptimConfig
 
 
