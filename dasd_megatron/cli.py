@@ -19,18 +19,36 @@ import argparse
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 from dasd_megatron.config import ConfigError, RunConfig, apply_overrides, to_dict
+from dasd_megatron.data import DataError
+from dasd_megatron.eval.cli import add_eval_parsers
+from dasd_megatron.launch.checks import check_paths
+from dasd_megatron.launch.cli import add_submit_parser
+from dasd_megatron.launch.orphans import LAUNCHER_PID_ENV
+from dasd_megatron.megatron_compat import quiet_known_warnings
+from dasd_megatron.model.convert import export_summary, run_export
+from dasd_megatron.model.hf_config import tiny_config
+from dasd_megatron.model.hf_mapping import ConversionError
+from dasd_megatron.model.pretrained import resolve_pretrained
+from dasd_megatron.testing.distributed import free_port
+from dasd_megatron.train.metrics_log import read_metrics_jsonl
+from dasd_megatron.train.run_report import add_report_parser, build_report
+from recipes import get_recipe
+
+# Imported inside the commands that train (`dasd_megatron.train.loop`, `dasd_megatron.train.smoke`): they import
+# megatron-core, which only those commands need, and only after `quiet_known_warnings()`.
 
 log = logging.getLogger("dasd")
 
 
 def _default_model_dir(run_dir: str) -> str:
     """A tiny Qwen3-shaped HF config written into the run folder (random weights), for smoke runs."""
-    from dasd_megatron.model.hf_config import tiny_config
-
     d = os.path.join(run_dir, "tiny_qwen3")
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, "config.json")
@@ -49,11 +67,6 @@ def _resolve(args) -> RunConfig:
 
 def _relaunch_under_torchrun(nproc: int) -> int:
     """Run this same command under torchrun with `nproc` local processes."""
-    import signal
-    import subprocess
-
-    from dasd_megatron.testing.distributed import free_port
-
     argv, skip = [], False
     for a in sys.argv[1:]:  # drop --nproc (torchrun would take it for an abbreviation of its own flag)
         if skip:
@@ -66,8 +79,6 @@ def _relaunch_under_torchrun(nproc: int) -> int:
            f"--master-port={free_port()}", "-m", "dasd_megatron.cli", *argv]
     # The ranks exit when this process or torchrun's agent is gone, whatever killed it (SIGKILL included; torchrun
     # starts them in sessions of their own, out of reach of a signal to our process group): see launch/orphans.py
-    from dasd_megatron.launch.orphans import LAUNCHER_PID_ENV
-
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     proc = subprocess.Popen(cmd, env=env)
@@ -77,8 +88,6 @@ def _relaunch_under_torchrun(nproc: int) -> int:
             proc.send_signal(signum)
         except ProcessLookupError:
             pass
-
-    import threading
 
     in_main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
@@ -98,27 +107,19 @@ def _relaunch_under_torchrun(nproc: int) -> int:
 
 def _resolve_train(args) -> RunConfig:
     if args.recipe:
-        from recipes import get_recipe
-
         return get_recipe(args.recipe).with_overrides(args.overrides).config
     return apply_overrides(RunConfig(), args.overrides)
 
 
 def cmd_train(args) -> int:
     """DASD training (see dasd_megatron/train/loop.py); with --nproc N, relaunched under torchrun."""
-    from dasd_megatron.launch.checks import check_paths
-
     cfg = _resolve_train(args)  # config errors surface here, before any process starts
     check_paths(cfg)  # input paths: one line naming the field and the fix, not a traceback per rank
     if args.nproc > 1 and "RANK" not in os.environ:
-        from dasd_megatron.model.pretrained import resolve_pretrained
-
         cfg.validate_layout(args.nproc)
         resolve_pretrained(cfg.model.hf_config)  # a hub id is fetched or materialised once, before the ranks start
         return _relaunch_under_torchrun(args.nproc)
-    from dasd_megatron.train.loop import train
-
-    from dasd_megatron.data import DataError
+    from dasd_megatron.train.loop import train  # megatron-core: see the imports
 
     t0 = time.perf_counter()
     try:
@@ -134,8 +135,6 @@ def cmd_train(args) -> int:
               f"{first.get('rollout/reward_mean', float('nan')):.3f} -> "
               f"{last.get('rollout/reward_mean', float('nan')):.3f}{acc} | run folder {cfg.run_dir}", flush=True)
         try:
-            from dasd_megatron.train.run_report import build_report
-
             print(f"report: {build_report(cfg.run_dir, progress=False).report_md}", flush=True)
         except Exception as e:  # noqa: BLE001 - the run is done and saved; a plotting problem must not fail it
             print(f"report: not written ({type(e).__name__}: {e}); run `dasd report {cfg.run_dir}`", flush=True)
@@ -144,8 +143,6 @@ def cmd_train(args) -> int:
 
 def _eval_points(run_dir: str) -> list[tuple[int, float]]:
     """(step, eval/accuracy) of every evaluation in the run's metrics.jsonl."""
-    from dasd_megatron.train.metrics_log import read_metrics_jsonl
-
     path = os.path.join(run_dir, "metrics.jsonl")
     records = read_metrics_jsonl(path)[0] if os.path.exists(path) else []
     return [(int(r["step"]), float(r["eval/accuracy"])) for r in records
@@ -153,8 +150,6 @@ def _eval_points(run_dir: str) -> list[tuple[int, float]]:
 
 
 def cmd_validate(args) -> int:
-    from dasd_megatron.launch.checks import check_paths
-
     cfg = _resolve(args)
     check_paths(cfg, need_data=False)
     cfg.validate_layout(args.world_size)
@@ -163,87 +158,20 @@ def cmd_validate(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    """A few optimizer steps of next-token training on a fixed random batch: proves the layout end to end."""
+    """A few optimizer steps of next-token training on a fixed random batch (dasd_megatron/train/smoke.py): proves
+    the layout end to end; with --nproc N, relaunched under torchrun."""
     if args.nproc > 1 and "RANK" not in os.environ:
         cfg = _resolve(args)  # fail on bad config before any process starts
         cfg.validate_layout(args.nproc)
         return _relaunch_under_torchrun(args.nproc)
-    import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from dasd_megatron.train.smoke import run_smoke  # megatron-core: see the imports
 
-    from dasd_megatron.model.builder import build_model, layout_summary
-    from dasd_megatron.model.hf_config import load_hf_architecture
-    from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
-    from dasd_megatron.train.config import OptimConfig
-    from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
-
-    cfg = _resolve(args)
-    world = env_world_size()
-    arch = load_hf_architecture(cfg.model.hf_config)
-    cfg.validate_layout(world, arch)
-    ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
-    console = Console(stderr=True, quiet=not ctx.is_logging_rank)
-    console.print(f"[bold]layout[/bold] {layout_summary(cfg, arch, world)}")
-    if ctx.is_logging_rank:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    model = wrap_ddp(build_model(cfg, arch), use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    opt = build_optimizer(model, OptimConfig(lr=args.lr))
-    seq = cfg.model.seq_length
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, arch.vocab_size, (ctx.dp * args.micro_batches, seq + 1), generator=g)
-    mine = data.chunk(ctx.dp)[ctx.dp_rank]
-    if ctx.cp > 1:
-        from dasd_megatron.loss.cp_align import ZigZagLayout
-
-        idx = ZigZagLayout([seq], ctx.cp).local_positions(ctx.cp_rank)
-    else:
-        idx = torch.arange(seq)
-    batches = [{"tokens": row[:-1][idx][None].to(ctx.device), "labels": row[1:][idx][None].to(ctx.device),
-                "pos": idx[None].to(ctx.device)} for row in mine]
-
-    def forward_step(batch, m):
-        out = m(batch["tokens"], batch["pos"], None, labels=batch["labels"])
-
-        def loss_func(per_token):
-            loss = per_token.float().sum()
-            n = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-            return loss, n, {"lm loss": torch.stack([loss.detach(), n.float()])}
-
-        return out, loss_func
-
-    losses = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("smoke training", total=args.steps)
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            reports = forward_backward(model, batches, forward_step, seq_length=seq)
-            stats = optimizer_step(opt)
-            loss = float("nan")
-            if reports:  # last pipeline stage
-                tot = torch.stack([r["lm loss"] for r in reports]).sum(0)
-                torch.distributed.all_reduce(tot, group=ctx.dp_cp_group)
-                loss = (tot[0] / tot[1]).item()
-            losses.append(loss)
-            progress.update(task, advance=1, description=f"step {step} loss {loss:.4f}")
-            if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0:
-                print(f"step {step:3d} | loss {loss:.4f} | grad_norm {stats['grad_norm']:.3f} | "
-                      f"{(time.perf_counter() - t0) * 1e3:.0f} ms", flush=True)
-    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0:
-        print(f"smoke: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} steps "
-              f"({'decreased' if losses[-1] < losses[0] else 'DID NOT DECREASE'})", flush=True)
-    destroy_parallel()
+    run_smoke(_resolve(args), steps=args.steps, micro_batches=args.micro_batches, lr=args.lr)
     return 0
 
 
 def cmd_export(args) -> int:
     """A run's newest (or `--step`) checkpoint, or any checkpoint folder, -> a Hugging Face folder."""
-    from dasd_megatron.model.convert import export_summary, run_export
-    from dasd_megatron.model.hf_mapping import ConversionError
-
     logging.getLogger("dasd_megatron").setLevel(logging.WARNING)
     try:
         stats = run_export(args.path, args.out, step=args.step, teacher=args.teacher, dtype=args.dtype,
@@ -289,21 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hf-config", help="HF folder for config/tokenizer (default: the checkpoint's own)")
     e.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     e.set_defaults(func=cmd_export)
-    from dasd_megatron.launch.cli import add_submit_parser
-
     add_submit_parser(sub)
-    from dasd_megatron.train.run_report import add_report_parser
-
     add_report_parser(sub)
-    from dasd_megatron.eval.cli import add_eval_parsers
-
     add_eval_parsers(sub)
     return p
 
 
 def main(argv=None) -> int:
-    from dasd_megatron.megatron_compat import quiet_known_warnings
-
     quiet_known_warnings()
     logging.basicConfig(level=os.environ.get("DASD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from dasd_megatron.train.run_report import (MARKER_REGEX, add_report_parser, build_report, epistemic_marker_density,
-                                  load_metrics, trend)
+from dasd_megatron.eval.markers import MARKER_REGEX, epistemic_marker_density
 from dasd_megatron.train.metrics_log import MetricsLogger
+from dasd_megatron.train.run_report import add_report_parser, build_report, load_metrics, trend
 
 ALL_PLOTS = {"reward", "loss", "entropy", "omega_deciles", "router", "kl", "response_length", "markers", "timing"}
 

@@ -1,7 +1,11 @@
-"""`dasd train`: the DASD training loop, one method per phase.
+"""`dasd train`: the DASD training loop, one method per phase (`Trainer.train_one_step` is one step).
 
-    generate -> reward -> teacher prompts -> advantages -> DASD step (score, train, optimizer) -> sync -> log ->
-    checkpoint
+    generate -> reward -> select groups (dynamic sampling) -> teacher prompts -> advantages -> DASD step (score,
+    train, optimizer) -> sync -> evaluate -> log -> checkpoint
+
+A step's scored prompts are `ScoredGroup`s; which of them the step trains on is decided by the pure
+`select_groups` / `collect_groups` (dynamic sampling, DAPO-style: groups whose rewards are all equal are dropped and
+fresh prompts drawn until the batch is full).
 
 Roles: every rank trains (megatron TP x PP x DP). Rank 0 also drives the rollout servers (launching the built-in
 server where SGLang is absent), scores rewards in its process pool and writes logs; the rollouts are broadcast to
@@ -12,28 +16,159 @@ into megatron's layout); a run folder with checkpoints resumes from the newest c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dasd_megatron.config import ConfigError, RunConfig, to_dict
+from dasd_megatron.data import (MathExample, PromptIterator, build_prompt_pair, load_math_dataset, load_tokenizer,
+                                student_prompt)
+from dasd_megatron.eval.markers import epistemic_marker_density
+from dasd_megatron.loss import grpo_advantages
+from dasd_megatron.model.builder import build_model, layout_summary
+from dasd_megatron.model.export import iter_hf_weight_buckets
+from dasd_megatron.model.hf_config import load_hf_architecture
+from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
+from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
+from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
+from dasd_megatron.reward import RewardResult, RewardScorer
 from dasd_megatron.train.batch import Rollout
+from dasd_megatron.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from dasd_megatron.train.config import TrainConfig
+from dasd_megatron.train.dasd_step import DASDStep, check_supported
+from dasd_megatron.train.engine import build_optimizer, wrap_ddp
+from dasd_megatron.train.metrics_log import MetricsLogger, truncate_jsonl_after
+from dasd_megatron.train.teacher import TeacherWeights
+from sglang_rollout.http_client import HttpClient
+from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
+from sglang_rollout.rollout_client import ClientConfig, RolloutClient, Sample, SamplingConfig
+from sglang_rollout.server_client import ServerClient
+from sglang_rollout.weight_sync.sync import WeightSync, drain
+from sglang_rollout.weight_sync.transports import DiskTransport, TensorTransport
 
 log = logging.getLogger(__name__)
 
+#: Sampling seeds are `rollout.seed + offset`. Training step s, dynamic-sampling round r uses the offset
+#: s + RESAMPLE_ROUND_SEED_STRIDE * r: round 0 keeps the seeds of runs without dynamic sampling, and the stride is
+#: a prime above any step count, so no two (step, round) pairs of a run share a seed.
+RESAMPLE_ROUND_SEED_STRIDE = 100_003
+#: The evaluation after step s samples with offset EVAL_SEED_OFFSET + s (the 1000th prime; any offset beyond the
+#: steps near s would do): its seeds are not those of the training steps around it, so a sampled evaluation
+#: (`train.eval_temperature > 0`) does not replay their responses. Greedy decoding does not use them.
+EVAL_SEED_OFFSET = 7_919
 
+
+# -- scored rollouts and dynamic sampling (pure: no model, no server) ------------------------------------------------
+@dataclass
+class ScoredGroup:
+    """One prompt and its G sampled responses, decoded and scored: `texts[i]` / `results[i]` belong to
+    `samples[i]` (the server's token ids, sampling log-probs and weight version)."""
+
+    example: MathExample
+    prompt_ids: list[int]
+    samples: Sequence[Sample]
+    texts: list[str]
+    results: list[RewardResult]
+
+    @property
+    def rewards_vary(self) -> bool:
+        """Whether the G rewards are not all equal. A group of equal rewards has zero GRPO advantage everywhere, so
+        its policy-gradient term is zero; dynamic sampling (DAPO) drops such groups."""
+        return len({r.score for r in self.results}) > 1
+
+
+@dataclass(frozen=True)
+class GroupSelection:
+    """The groups one step trains on, in batch order, and how they were collected."""
+
+    batch: list[ScoredGroup]
+    #: the kept groups (all of them, or under dynamic sampling the varied ones) reach the batch size
+    enough: bool
+    #: groups whose rewards were all equal (dynamic sampling only; 0 without it)
+    dropped: int
+    #: how many of the dropped groups fill the batch because too few varied ones were found
+    filled: int
+    dynamic_sampling: bool
+    #: generation rounds it took
+    rounds: int = 1
+    #: seconds spent scoring rewards over all rounds
+    reward_s: float = 0.0
+
+    def metrics(self) -> dict:
+        """`timing/reward_s`, and under dynamic sampling its `rollout/ds_*` counts."""
+        out = {"timing/reward_s": self.reward_s}
+        if self.dynamic_sampling:
+            out.update({"rollout/ds_rounds": self.rounds, "rollout/ds_dropped_groups": self.dropped,
+                        "rollout/ds_filled_groups": self.filled})
+        return out
+
+
+def select_groups(scored: Sequence[ScoredGroup], batch_size: int, dynamic_sampling: bool) -> GroupSelection:
+    """The batch of `batch_size` groups out of `scored` (every group scored so far this step, oldest first).
+
+    Without dynamic sampling every group is kept. With it the groups whose rewards vary are kept and the others
+    dropped; the batch is the kept groups, oldest first, then (when fewer than `batch_size` were kept) dropped groups,
+    oldest first, fill the rest."""
+    if dynamic_sampling:
+        kept = [g for g in scored if g.rewards_vary]
+        dropped = [g for g in scored if not g.rewards_vary]
+    else:
+        kept, dropped = list(scored), []
+    missing = max(0, batch_size - len(kept))
+    return GroupSelection(batch=(kept + dropped[:missing])[:batch_size], enough=len(kept) >= batch_size,
+                          dropped=len(dropped), filled=min(missing, len(dropped)), dynamic_sampling=dynamic_sampling)
+
+
+def collect_groups(score_round: Callable[[int], tuple[list[ScoredGroup], float]], train: TrainConfig
+                   ) -> GroupSelection:
+    """Rounds of scored groups until the batch is full: `score_round(r)` generates and scores round r's
+    `prompts_per_step` fresh prompts and returns them with the seconds the scoring took. Without dynamic sampling:
+    one round. With it: rounds until `prompts_per_step` groups with varied rewards are kept or
+    `dynamic_sampling_max_rounds` rounds were run (`select_groups` then fills the rest with dropped groups)."""
+    max_rounds = train.dynamic_sampling_max_rounds if train.dynamic_sampling else 1
+    scored: list[ScoredGroup] = []
+    reward_s = 0.0
+    for round_ in range(max_rounds):
+        groups, seconds = score_round(round_)
+        scored += groups
+        reward_s += seconds
+        selection = select_groups(scored, train.prompts_per_step, train.dynamic_sampling)
+        if selection.enough:
+            break
+    return dataclasses.replace(selection, rounds=round_ + 1, reward_s=reward_s)
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], batch: Sequence[ScoredGroup]) -> dict:
+    """`rollout/*` metrics of one step's batch: reward, accuracy and status fractions over every scored response
+    (empty ones included), response length over the rollouts trained on (non-empty responses)."""
+    texts = [x for g in batch for x in g.texts]
+    results = [x for g in batch for x in g.results]
+    n = max(len(results), 1)
+    lens = [len(r.response_ids) for r in rollouts]
+    return {
+        "rollout/reward_mean": sum(r.score for r in results) / n,
+        "rollout/accuracy": sum(r.status == "correct" for r in results) / n,
+        "rollout/unparseable_frac": sum(r.status == "unparseable" for r in results) / n,
+        "rollout/timeout_count": sum(r.status == "timeout" for r in results),
+        "rollout/response_length_mean": sum(lens) / max(len(lens), 1),
+        "rollout/epistemic_marker_density": epistemic_marker_density(texts),
+        "rollout/num_samples": len(results),
+    }
+
+
+# -- trainer ----------------------------------------------------------------------------------------------------------
 def _with_local_model(cfg: RunConfig) -> RunConfig:
     """`cfg` with `model.hf_config` resolved to a local folder holding weights and a tokenizer (a hub id is looked up
     in the HF cache, downloaded, or materialised from a packaged offline copy: `model.pretrained`)."""
-    import dataclasses
-
-    from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
-
     path = resolve_pretrained(cfg.model.hf_config)
     if not os.path.isdir(path) or not has_weights(path):
         raise ConfigError(f"model.hf_config={cfg.model.hf_config!r}: training needs a HF model folder with weights "
@@ -55,12 +190,6 @@ class Trainer:
     """Owns the model, optimizer, data, rollout servers and logs of one run. `run()` trains to `train.steps`."""
 
     def __init__(self, cfg: RunConfig):
-        from dasd_megatron.model.builder import build_model
-        from dasd_megatron.model.hf_config import load_hf_architecture
-        from dasd_megatron.parallel import env_world_size, initialize_parallel
-        from dasd_megatron.train.dasd_step import DASDStep, check_supported
-        from dasd_megatron.train.engine import build_optimizer, wrap_ddp
-
         self.arch = load_hf_architecture(cfg.model.hf_config)
         cfg.validate_layout(env_world_size(), self.arch)
         check_supported(cfg)
@@ -72,8 +201,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.teacher = None
         if cfg.train.teacher != "current":
-            from dasd_megatron.train.teacher import TeacherWeights
-
             self.teacher = TeacherWeights(build_model(cfg, self.arch), cfg.train.teacher, cfg.train.ema_decay)
         self.step_fn = DASDStep(self.model, self.optimizer, cfg, self.arch, self.ctx, teacher=self.teacher)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
@@ -90,10 +217,6 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
-        from dasd_megatron.data import PromptIterator, load_math_dataset, load_tokenizer
-        from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
-        from dasd_megatron.train.checkpoint import load_training_checkpoint
-
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.hf_config)
         self.data = load_math_dataset(cfg.data, self.tokenizer)
@@ -116,9 +239,6 @@ class Trainer:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=2, default=str)
             self._start_rollout()
-            from dasd_megatron.reward import RewardScorer
-            from dasd_megatron.train.metrics_log import MetricsLogger, truncate_jsonl_after
-
             self.scorer = RewardScorer(cfg.reward)
             # a fresh start (step 0) drops every earlier line, the step-0 evaluation included: it is redone
             self.logger = MetricsLogger(cfg.run_dir, enabled=True, resume_step=self.step if self.step else -1)
@@ -130,13 +250,6 @@ class Trainer:
         return self
 
     def _start_rollout(self) -> None:
-        from sglang_rollout.rollout_client import ClientConfig, RolloutClient
-        from sglang_rollout.http_client import HttpClient
-        from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
-        from sglang_rollout.server_client import ServerClient
-        from sglang_rollout.weight_sync.sync import WeightSync
-        from sglang_rollout.weight_sync.transports import DiskTransport, TensorTransport
-
         r = self.cfg.rollout
         urls = list(r.urls)
         if not urls:
@@ -170,8 +283,6 @@ class Trainer:
 
     # -- phases -------------------------------------------------------------------------------------------------------
     def _sampling(self, max_new_tokens: int, temperature: float, seed_offset: int, top_p=None, top_k=None):
-        from sglang_rollout.rollout_client import SamplingConfig
-
         r = self.cfg.rollout
         eos = self.tokenizer.eos_token_id
         return SamplingConfig(
@@ -182,15 +293,12 @@ class Trainer:
 
     def generate(self, examples=None, round_: int = 0):
         """Rank 0: G samples for each of `examples` (default: the next `prompts_per_step` prompts)."""
-        from dasd_megatron.data import student_prompt
-
         cfg = self.cfg
         if examples is None:
             examples = self.prompts.next_batch(cfg.train.prompts_per_step)
         prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
-        # seeds differ per step and per dynamic-sampling round (round 0 keeps the seeds of runs without it)
         sampling = self._sampling(cfg.train.max_response_tokens, cfg.rollout.temperature,
-                                  self.step + 100_003 * round_)
+                                  self.step + RESAMPLE_ROUND_SEED_STRIDE * round_)
         batch_id = f"step{self.step}" + (f"r{round_}" if round_ else "")
         groups = self.client.generate(prompt_ids, n=cfg.train.samples_per_prompt, sampling=sampling,
                                       batch_id=batch_id)
@@ -206,55 +314,39 @@ class Trainer:
         results = self.scorer.score(texts, golds)
         return texts, results
 
-    def collect(self):
-        """Rank 0: `prompts_per_step` groups of G scored samples. Without dynamic sampling: one round. With it:
-        rounds of `prompts_per_step` fresh prompts, keeping the groups whose rewards differ, until enough are kept
-        or `dynamic_sampling_max_rounds` is reached (then dropped groups fill the rest, oldest first)."""
-        t = self.cfg.train
-        G = t.samples_per_prompt
-        kept, dropped = [], []
-        rounds, reward_s = 0, 0.0
-        while rounds < (t.dynamic_sampling_max_rounds if t.dynamic_sampling else 1):
-            examples, prompt_ids, groups = self.generate(round_=rounds)
-            tr = time.perf_counter()
-            texts, results = self.reward(examples, groups)
-            reward_s += time.perf_counter() - tr
-            rounds += 1
-            for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups)):
-                item = (ex, pids, group, texts[g * G:(g + 1) * G], results[g * G:(g + 1) * G])
-                varied = len({r.score for r in item[4]}) > 1
-                (kept if varied or not t.dynamic_sampling else dropped).append(item)
-            if len(kept) >= t.prompts_per_step:
-                break
-        filled = max(0, t.prompts_per_step - len(kept))
-        batch = (kept + dropped[:filled])[: t.prompts_per_step]
-        stats = {"timing/reward_s": reward_s}
-        if t.dynamic_sampling:
-            stats.update({"rollout/ds_rounds": rounds, "rollout/ds_dropped_groups": len(dropped),
-                          "rollout/ds_filled_groups": min(filled, len(dropped))})
-        return [list(col) for col in zip(*batch)], stats
+    def score_round(self, round_: int) -> tuple[list[ScoredGroup], float]:
+        """Rank 0: round `round_` of this step: the next `prompts_per_step` prompts, their G samples, decoded and
+        scored; and the seconds the scoring took."""
+        examples, prompt_ids, groups = self.generate(round_=round_)
+        t0 = time.perf_counter()
+        texts, results = self.reward(examples, groups)
+        reward_s = time.perf_counter() - t0
+        G = self.cfg.train.samples_per_prompt
+        return [ScoredGroup(ex, pids, group, texts[g * G:(g + 1) * G], results[g * G:(g + 1) * G])
+                for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups))], reward_s
 
-    def build_rollouts(self, examples, prompt_ids, groups, texts, results) -> list[Rollout]:
-        """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer).
-        `texts[g]` / `results[g]` are the G decoded responses / rewards of group g."""
-        from dasd_megatron.data import build_prompt_pair
+    def collect(self) -> tuple[list[ScoredGroup], dict]:
+        """Rank 0: the `prompts_per_step` scored groups of this step (`collect_groups`: one round, or dynamic
+        sampling's rounds) and their metrics (`timing/reward_s`, and `rollout/ds_*` under dynamic sampling)."""
+        selection = collect_groups(self.score_round, self.cfg.train)
+        return selection.batch, selection.metrics()
 
+    def build_rollouts(self, batch: Sequence[ScoredGroup]) -> list[Rollout]:
+        """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer);
+        `Rollout.group` is the group's position in `batch`. Empty responses are left out."""
         out = []
-        for g, (ex, pids, group) in enumerate(zip(examples, prompt_ids, groups)):
-            res, txt = results[g], texts[g]
-            sibling = next((t for t, rr in zip(txt, res) if rr.status == "correct"), None)
-            pair = build_prompt_pair(self.tokenizer, ex, self.cfg.data.prompt, sibling=sibling)
-            for s, rr in zip(group, res):
+        for g, sg in enumerate(batch):
+            sibling = next((t for t, rr in zip(sg.texts, sg.results) if rr.status == "correct"), None)
+            pair = build_prompt_pair(self.tokenizer, sg.example, self.cfg.data.prompt, sibling=sibling)
+            for s, rr in zip(sg.samples, sg.results):
                 if not s.output_ids:
                     continue
-                out.append(Rollout(pids, pair.teacher_ids, list(s.output_ids), list(s.output_logprobs),
+                out.append(Rollout(sg.prompt_ids, pair.teacher_ids, list(s.output_ids), list(s.output_logprobs),
                                    reward=float(rr.score), group=g, weight_version=s.weight_version))
         return out
 
     def train_step(self, rollouts: list[Rollout]) -> dict:
         """All ranks: GRPO advantages over groups, then the DASD step on this DP rank's share."""
-        from dasd_megatron.loss import grpo_advantages
-
         cfg = self.cfg
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         groups = torch.tensor([r.group for r in rollouts], dtype=torch.long)
@@ -265,9 +357,6 @@ class Trainer:
 
     def sync_weights(self) -> dict:
         """All ranks iterate the exporter (it gathers TP/PP shards); rank 0 sends the buckets to the servers."""
-        from dasd_megatron.model.export import iter_hf_weight_buckets
-        from sglang_rollout.weight_sync.sync import drain
-
         buckets = iter_hf_weight_buckets(self.model, self.arch)
         if self.ctx.is_logging_rank:
             report = self.sync.sync(buckets, version=f"step{self.step}")
@@ -276,8 +365,6 @@ class Trainer:
         return {}
 
     def checkpoint(self) -> None:
-        from dasd_megatron.train.checkpoint import save_training_checkpoint
-
         cfg = self.cfg
         model_meta = {"hf_config": cfg.model.hf_config, "teacher": cfg.train.teacher,
                       "params_dtype": cfg.precision.params_dtype,
@@ -291,10 +378,6 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
     def _load_eval_examples(self):
-        import dataclasses
-
-        from dasd_megatron.data import load_math_dataset
-
         t = self.cfg.train
         dcfg = dataclasses.replace(self.cfg.data, source=t.eval_source, split=t.eval_split, limit=t.eval_limit,
                                    shuffle=False, dedupe=False, name=None)
@@ -307,13 +390,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """Rank 0: `eval_samples` answers per evaluation problem from the servers (greedy by default), scored like
         training rollouts. Metrics under `eval/`."""
-        from dasd_megatron.data import student_prompt
-
         t = self.cfg.train
         t0 = time.perf_counter()
         prompt_ids = [student_prompt(self.tokenizer, ex, self.cfg.data.prompt)[1] for ex in self.eval_examples]
         greedy = t.eval_temperature == 0
-        sampling = self._sampling(t.max_response_tokens, t.eval_temperature, 7_919 + self.step,
+        sampling = self._sampling(t.max_response_tokens, t.eval_temperature, EVAL_SEED_OFFSET + self.step,
                                   top_p=1.0 if greedy else None, top_k=-1 if greedy else None)
         groups = self.client.generate(prompt_ids, n=t.eval_samples, sampling=sampling, batch_id=f"eval{self.step}")
         texts, results = self.reward(self.eval_examples, groups)
@@ -328,31 +409,27 @@ class Trainer:
             "timing/eval_s": time.perf_counter() - t0,
         }
 
-    def _log_samples(self, examples, texts, results) -> None:
+    def _log_samples(self, batch: Sequence[ScoredGroup]) -> None:
         """Rank 0: the first group of the step just taken (problem, gold, responses, rewards), appended to
         samples.jsonl under the step number its metrics carry."""
-        if not examples:
+        if not batch:
             return
-        rec = {"step": self.step, "problem": examples[0].problem, "answer": examples[0].answer,
+        first = batch[0]
+        rec = {"step": self.step, "problem": first.example.problem, "answer": first.example.answer,
                "responses": [{"text": tx, "reward": r.score, "status": r.status, "extracted": r.extracted}
-                             for tx, r in zip(texts[0], results[0])]}
+                             for tx, r in zip(first.texts, first.results)]}
         with open(os.path.join(self.cfg.run_dir, "samples.jsonl"), "a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        from dasd_megatron.train.run_report import epistemic_marker_density
-
+        """Train from `self.step` to `train.steps` (evaluating the starting policy first on a fresh run); returns
+        every step's metrics."""
         cfg = self.cfg
         history = []
         console = Console(stderr=True, quiet=not self.ctx.is_logging_rank)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-            from dasd_megatron.model.builder import layout_summary
-
             console.print(f"layout {layout_summary(cfg, self.arch, self.ctx.world_size)} | model {cfg.model.hf_config}"
                           f" | data {len(self.data.examples)} problems"
                           + (f" | resuming after step {self.step}" if self.step else ""),
@@ -361,72 +438,64 @@ class Trainer:
             if cfg.train.eval_interval and self.step == 0 and self.ctx.is_logging_rank:
                 base = self.evaluate()  # where the policy starts
                 self.logger.log(0, base)
-                progress.console.print(f"step 0 | eval accuracy {base['eval/accuracy']:.1%} on "
-                                       f"{base['eval/num_problems']} problems | {base['timing/eval_s']:.1f}s",
-                                       soft_wrap=True, highlight=False)
+                console.print(f"step 0 | eval accuracy {base['eval/accuracy']:.1%} on "
+                              f"{base['eval/num_problems']} problems | {base['timing/eval_s']:.1f}s",
+                              soft_wrap=True, highlight=False)
             while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                metrics: dict = {}
-                payload = None
-                if self.ctx.is_logging_rank:
-                    (examples, prompt_ids, groups, texts, results), ds_stats = self.collect()
-                    t1 = time.perf_counter()
-                    rollouts = self.build_rollouts(examples, prompt_ids, groups, texts, results)
-                    flat_texts = [x for g in texts for x in g]
-                    flat_results = [x for g in results for x in g]
-                    metrics.update(self._rollout_metrics(rollouts, flat_texts, flat_results,
-                                                         epistemic_marker_density))
-                    metrics.update(ds_stats)
-                    metrics["timing/rollout_s"] = t1 - t0 - ds_stats["timing/reward_s"]
-                    sample = (examples, texts, results)
-                    payload = (rollouts, self.prompts.state_dict())
-                rollouts, prompt_state = _broadcast_object(payload)
-                # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
-                if not self.ctx.is_logging_rank:
-                    self.prompts.load_state_dict(prompt_state)
-                t2 = time.perf_counter()
-                out = self.train_step(rollouts)
-                if self.ctx.pp > 1:  # the loss lives on the last pipeline stage: bring it to rank 0
-                    outs = [None] * self.ctx.world_size
-                    dist.all_gather_object(outs, out)
-                    out = next((o for o in outs if "loss/dasd" in o), out)
-                metrics.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
-                metrics["timing/train_s"] = time.perf_counter() - t2
-                self.step += 1
-                t3 = time.perf_counter()
-                metrics.update(self.sync_weights())
-                metrics["timing/sync_s"] = time.perf_counter() - t3
-                if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
-                                                or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
-                    metrics.update(self.evaluate())
-                metrics["timing/step_s"] = time.perf_counter() - t0
-                # logged before the checkpoint: a run killed in between redoes this step from the previous
-                # checkpoint, and the logger drops the lines after it, so no record is lost or duplicated
-                if self.ctx.is_logging_rank:
-                    self.logger.log(self.step, metrics)
-                    self._log_samples(*sample)
-                    progress.console.print(self.logger.console_line(self.step, metrics), soft_wrap=True,
-                                           highlight=False)
-                if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
-                                                      or self.step == cfg.train.steps):
-                    self.checkpoint()
-                history.append(metrics)
+                history.append(self.train_one_step(console))
                 progress.update(task, advance=1)
         return history
 
-    @staticmethod
-    def _rollout_metrics(rollouts, texts, results, marker_density) -> dict:
-        n = max(len(results), 1)
-        lens = [len(r.response_ids) for r in rollouts]
-        return {
-            "rollout/reward_mean": sum(r.score for r in results) / n,
-            "rollout/accuracy": sum(r.status == "correct" for r in results) / n,
-            "rollout/unparseable_frac": sum(r.status == "unparseable" for r in results) / n,
-            "rollout/timeout_count": sum(r.status == "timeout" for r in results),
-            "rollout/response_length_mean": sum(lens) / max(len(lens), 1),
-            "rollout/epistemic_marker_density": marker_density(texts),
-            "rollout/num_samples": len(results),
-        }
+    def train_one_step(self, console: Console) -> dict:
+        """One DASD step, all ranks: rank 0 collects the scored groups and builds the rollouts, which every rank
+        receives; then the DASD step, weight sync, evaluation (every `eval_interval` steps and at the last), logging
+        (before the checkpoint: a run killed in between redoes this step from the previous checkpoint, and the
+        logger drops the lines after it, so no record is lost or duplicated) and checkpoint. Returns the metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        metrics: dict = {}
+        payload = None
+        if self.ctx.is_logging_rank:
+            batch, collect_stats = self.collect()
+            t1 = time.perf_counter()
+            rollouts = self.build_rollouts(batch)
+            metrics.update(rollout_metrics(rollouts, batch))
+            metrics.update(collect_stats)
+            metrics["timing/rollout_s"] = t1 - t0 - collect_stats["timing/reward_s"]
+            payload = (rollouts, self.prompts.state_dict())
+        rollouts, prompt_state = _broadcast_object(payload)
+        # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
+        if not self.ctx.is_logging_rank:
+            self.prompts.load_state_dict(prompt_state)
+        t2 = time.perf_counter()
+        out = self._loss_on_rank0(self.train_step(rollouts))
+        metrics.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
+        metrics["timing/train_s"] = time.perf_counter() - t2
+        self.step += 1
+        t3 = time.perf_counter()
+        metrics.update(self.sync_weights())
+        metrics["timing/sync_s"] = time.perf_counter() - t3
+        if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
+                                        or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
+            metrics.update(self.evaluate())
+        metrics["timing/step_s"] = time.perf_counter() - t0
+        if self.ctx.is_logging_rank:
+            self.logger.log(self.step, metrics)
+            self._log_samples(batch)
+            console.print(self.logger.console_line(self.step, metrics), soft_wrap=True, highlight=False)
+        if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
+                                              or self.step == cfg.train.steps):
+            self.checkpoint()
+        return metrics
+
+    def _loss_on_rank0(self, out: dict) -> dict:
+        """The step's outputs as the last pipeline stage computed them (the loss lives there): with PP > 1 every
+        rank gathers all outputs and takes the first that has `loss/dasd`."""
+        if self.ctx.pp == 1:
+            return out
+        outs = [None] * self.ctx.world_size
+        dist.all_gather_object(outs, out)
+        return next((o for o in outs if "loss/dasd" in o), out)
 
     def close(self) -> None:
         if self.scorer is not None:
@@ -435,8 +504,6 @@ class Trainer:
             self.servers.stop()
         if self.logger is not None:
             self.logger.close()
-        from dasd_megatron.parallel import destroy_parallel
-
         destroy_parallel()
 
 

@@ -15,7 +15,7 @@ path (so the folder can be copied or viewed anywhere):
 | `router.png`        | `router/omega_pos_frac`, `router/omega_mean`, `router/gate_mean`                            |
 | `kl.png`            | `loss/kl` (and `loss/forward_kl`)                                                           |
 | `response_length.png` | `rollout/response_length_mean`                                                            |
-| `markers.png`       | `rollout/epistemic_marker_density` (see `epistemic_marker_density`)                         |
+| `markers.png`       | `rollout/epistemic_marker_density` (`dasd_megatron.eval.markers.epistemic_marker_density`)  |
 | `timing.png`        | stacked `timing/*` phases with `timing/step_s` on top; `throughput/tokens_per_s` below      |
 
 Curves show the raw values thin and a moving average (window = steps/10) thick. A metric that is absent (or never
@@ -36,38 +36,15 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from dasd_megatron.eval.markers import MARKERS, count_markers
 from dasd_megatron.train.metrics_log import METRICS_FILE, read_metrics_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["epistemic_marker_density", "MARKER_REGEX", "load_metrics", "build_report", "ReportResult",
-           "add_report_parser", "cmd_report", "main"]
-
-#: The exact pattern counted by `epistemic_marker_density` (compiled with `re.IGNORECASE`); it is the one the
-#: evaluation uses (`dasd_megatron.eval.markers`), so training-time and evaluation densities are the same measure.
-MARKER_REGEX = r"\b(" + "|".join(MARKERS) + r")\b"
-
-
-def epistemic_marker_density(texts: Iterable[str]) -> float:
-    """Mean number of epistemic-marker occurrences per response over `texts` (NaN for no texts).
-
-    A marker is one of wait, hmm, perhaps, maybe, actually, alternatively, seems, might, likely, check, matched as a
-    whole word, case-insensitively: `MARKER_REGEX` = `\\b(wait|hmm|perhaps|maybe|actually|alternatively|seems|might|
-    likely|check)\\b` with `re.IGNORECASE`. Consequences: "Wait," "WAIT" and "wait." count; "check" counts only as the
-    word itself, so "checked", "checking", "checks" and "recheck" do not (inflections are not listed markers), while
-    "re-check" and "check-in" count once (a hyphen is a word boundary); "maybelline", "waiting", "hmmm", "seemsly"
-    and "check_answer" (underscore is a word character) do not count. Every occurrence counts ("wait wait" = 2).
-    """
-    texts = list(texts)
-    if not texts:
-        return float("nan")
-    return sum(sum(count_markers(t).values()) for t in texts) / len(texts)
-
+__all__ = ["load_metrics", "build_report", "ReportResult", "add_report_parser", "cmd_report", "main"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
