@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,14 @@ def write_sum_problems(path) -> str:
                 f.write(_json.dumps({"question": f"What is {a} plus {b}?",
                                      "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
     return str(path)
+
+
+def tiny_train_cmd(model: str, data: str, run_dir: str, steps: int, port: int) -> list[str]:
+    """`dasd train` of the e2e tests: `model` (a tiny HF folder) at TP=2 on 2 processes, 2 prompts x 2 samples of 8
+    tokens per step, a checkpoint every step (2 kept), rollout servers from `port`."""
+    return [sys.executable, "-m", "dasd_megatron.cli", "train", "--nproc", "2", "parallel.tensor=2",
+            f"model.hf_config={model}", f"data.source={data}", f"train.steps={steps}", "train.prompts_per_step=2",
+            "train.samples_per_prompt=2", "train.max_prompt_tokens=64", "train.max_response_tokens=8",
+            "train.micro_batch_tokens=128", "model.seq_length=128", f"run_dir={run_dir}",
+            f"rollout.base_port={port}", "train.checkpoint_interval=1", "train.keep_last_checkpoints=2",
+            "optim.lr=1e-3"]

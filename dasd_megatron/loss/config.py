@@ -144,7 +144,7 @@ class DASDLossConfig:
             _fail("chunk_size", self.chunk_size, "must be a positive int (tokens per chunk) or None (automatic)",
                   "use None or e.g. 1024")
         if self.kernel_backend not in KERNEL_BACKENDS:
-            _fail("kernel_backend", self.kernel_backend, "must be 'auto' (the torch kernels for now), 'torch' or "
+            _fail("kernel_backend", self.kernel_backend, "must be 'auto' (the torch kernels), 'torch' or "
                   "'triton'", f"use {_SECTION}.kernel_backend=auto")
         if not self.reward_term and self.beta == 0.0:
             _fail("beta", self.beta, "must be > 0 when reward_term is False (the loss would be identically 0)",

@@ -24,7 +24,8 @@ import pytest
 
 from sglang_rollout.testing import free_port
 
-from fake_sglang import make_fake_sglang  # noqa: E402
+from fake_sglang import make_fake_sglang
+from hf_fixtures import tiny_train_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "DASD_NO_ORPHANS_TEST"
@@ -181,15 +182,6 @@ def test_sglang_server_goes_when_its_manager_is_killed(tmp_path):
 # ---- e2e: dasd train --nproc 2 ------------------------------------------------------------------------------------
 
 
-def _cmd(model, data, run_dir, steps, port):
-    return [sys.executable, "-m", "dasd_megatron.cli", "train", "--nproc", "2", "parallel.tensor=2",
-            f"model.hf_config={model}", f"data.source={data}", f"train.steps={steps}", "train.prompts_per_step=2",
-            "train.samples_per_prompt=2", "train.max_prompt_tokens=64", "train.max_response_tokens=8",
-            "train.micro_batch_tokens=128", "model.seq_length=128", f"run_dir={run_dir}",
-            f"rollout.base_port={port}", "train.checkpoint_interval=1", "train.keep_last_checkpoints=2",
-            "optim.lr=1e-3"]
-
-
 def _roles(procs: dict[int, str]) -> dict[str, list[int]]:
     roles: dict[str, list[int]] = {"cli": [], "agent": [], "rank": [], "server": [], "other": []}
     for pid, cmd in procs.items():
@@ -240,7 +232,7 @@ def test_sigkill_of_the_launcher_group_leaves_no_process_and_the_run_resumes(ass
     run = str(tmp_path / "run")
     marker = uuid.uuid4().hex
     env = dict(os.environ, OMP_NUM_THREADS="1", **{MARK: marker})
-    cmd = _cmd(model, data, run, 5, free_port())
+    cmd = tiny_train_cmd(model, data, run, 5, free_port())
     ckpt1 = os.path.join(run, "checkpoints", "step_00000001")
     with open(tmp_path / "killed.log", "wb") as log:
         p, _ = _start_and_wait(cmd, env, log, lambda: os.path.exists(ckpt1))
@@ -263,7 +255,7 @@ def test_sigkill_of_the_cli_alone_or_the_agent_alone_leaves_no_process(assets, t
     root, model, data = assets
     marker = uuid.uuid4().hex
     env = dict(os.environ, OMP_NUM_THREADS="1", **{MARK: marker})
-    cmd = _cmd(model, data, str(tmp_path / "run"), 50, free_port())
+    cmd = tiny_train_cmd(model, data, str(tmp_path / "run"), 50, free_port())
     with open(tmp_path / f"{victim}.log", "wb") as log:
         # the server starts after every rank passed initialize_parallel (where the launcher watch is installed)
         p, roles = _start_and_wait(cmd, env, log, lambda: bool(_roles(_marked(marker))["server"]))

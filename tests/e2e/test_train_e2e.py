@@ -17,24 +17,16 @@ import time
 
 import pytest
 
+from dasd_megatron.testing.distributed import free_port
+from hf_fixtures import tiny_train_cmd
+
 pytestmark = pytest.mark.e2e
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _port():
-    from dasd_megatron.testing.distributed import free_port
-
-    return free_port()
-
-
 def _cmd(model, data, run_dir, steps):
-    return [sys.executable, "-m", "dasd_megatron.cli", "train", "--nproc", "2", "parallel.tensor=2",
-            f"model.hf_config={model}", f"data.source={data}", f"train.steps={steps}", "train.prompts_per_step=2",
-            "train.samples_per_prompt=2", "train.max_prompt_tokens=64", "train.max_response_tokens=8",
-            "train.micro_batch_tokens=128", "model.seq_length=128", f"run_dir={run_dir}",
-            f"rollout.base_port={_port()}", "train.checkpoint_interval=1", "train.keep_last_checkpoints=2",
-            "optim.lr=1e-3"]
+    return tiny_train_cmd(model, data, run_dir, steps, free_port())
 
 
 def _metrics(run_dir):
