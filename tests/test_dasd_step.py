@@ -40,13 +40,13 @@ def _rollouts(vocab: int, seed: int = 0):
     return out
 
 
-def _cfg(hf_dir, tp=1, sp=False, estimator="full", budget=40):
+def _cfg(hf_dir, tp=1, sp=False, estimator="full", budget=40, cp=1, pp=1):
     from dasd_megatron.config import ModelConfig, ParallelConfig, RunConfig, apply_overrides
 
     # init std 0.5: a random model with the usual 0.02 has near-uniform entropy (spread ~1e-3 nats), and the tanh
     # router divides by that spread, amplifying rounding 1000x; wider logits make the router well conditioned.
     cfg = RunConfig(model=ModelConfig(hf_config=hf_dir, seq_length=64, init_method_std=0.5),
-                    parallel=ParallelConfig(tensor=tp, sequence_parallel=sp))
+                    parallel=ParallelConfig(tensor=tp, sequence_parallel=sp, context=cp, pipeline=pp))
     return apply_overrides(cfg, [f"loss.estimator={estimator}", "loss.temperature=0.9", "rollout.temperature=0.9",
                                  "train.max_prompt_tokens=12", "train.max_response_tokens=8",
                                  f"train.micro_batch_tokens={budget}", "train.samples_per_prompt=3"])
@@ -119,14 +119,14 @@ def _worker(rank, world_size, hf_dir, ckpt, layouts, with_reference):
         scores = step.score(micro_batches)
         rs = step.rollout_stats(micro_batches, scores, len(rollouts))
         summary = step.summarise(step.train_after_scoring(micro_batches, scores, adv, rs))
-        res["loss"] = summary["loss/dasd"]
+        res["loss"] = summary.get("loss/dasd")  # the last pipeline stage has it
         res["num_micro_batches"] = len(micro_batches)
         res["grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         res["metrics"] = summary
         # the single pass (what `run` does at PP=1): teacher forward, old log-probs and rollout statistics from the
         # training pass itself; the same micro-batches, so the same loss and gradients
         single = step.train_single_pass(step.build_micro_batches([rollouts[i] for i in mine], mine), adv)
-        res["sp_loss"] = step.summarise(single)["loss/dasd"]
+        res["sp_loss"] = step.summarise(single).get("loss/dasd")
         res["sp_grads"] = {k: v.clone() for k, v in full_named_tensors(ddp, grads=True).items()}
         out[name] = res
         ps.destroy_model_parallel()
@@ -165,6 +165,20 @@ def test_step_matches_unpacked_float64_reference(single, estimator):
     assert m["loss/pg"] + m["loss/distill"] == pytest.approx(m["loss/total"], rel=1e-6, abs=1e-9)
 
 
+def _layouts_match_single(got, res, layouts):
+    """Both paths (scoring + training, and the single pass) of each layout against the TP=1 run of the same
+    estimator, which the float64 reference checked: the same loss and gradients (only the order of fp32 sums
+    differs, and under CP the attention's key blocking and the packing), at the tolerances above."""
+    for name, kw in layouts:
+        r, want = got[-1][name], res[kw.get("estimator", "full")]  # the last rank is on the last pipeline stage
+        for loss, grads, path in ((r["loss"], r["grads"], "scoring"), (r["sp_loss"], r["sp_grads"], "single pass")):
+            assert abs(loss - want["loss"]) <= 1e-5 * abs(want["loss"]) + 1e-8, (name, path, loss, want["loss"])
+            _grads_close(grads, want["grads"], f"{name}, {path}")
+        m = r["metrics"]  # reduced over CP: the loss parts add up to the global mean and the counts are global
+        assert m["loss/total"] == pytest.approx(r["loss"], rel=1e-5, abs=1e-8), name
+        assert m["loss/num_tokens"] == sum(len(x.response_ids) for x in _rollouts(509)), name
+
+
 def test_step_tp2_sp_and_dp2_match_tp1(hf_dir, single):
     ckpt, res = single
     layouts = [("TP2+SP", dict(tp=2, sp=True)), ("DP2", dict())]
@@ -177,14 +191,40 @@ def test_step_tp2_sp_and_dp2_match_tp1(hf_dir, single):
         _grads_close(r["sp_grads"], res["full"]["grads"], f"{name}, single pass")
 
 
+def test_documents_have_odd_lengths_and_need_cp_padding():
+    """The rollouts of the CP tests: documents of odd lengths, which the CP split must pad (to a multiple of 4)."""
+    rs = _rollouts(509)
+    lengths = [r.length(t) for r in rs for t in (False, True)]
+    assert any(n % 2 for n in lengths) and any(n % 4 for n in lengths), lengths
+
+
+def test_step_cp2_and_pp2_match_tp1(hf_dir, single):
+    """CP=2 (each estimator; documents of odd lengths padded per document, teacher rows moved across the CP group)
+    and PP=2 (the teacher travelling with the student through megatron's 1F1B schedule), both paths."""
+    ckpt, res = single
+    layouts = [("CP2 full", dict(cp=2, estimator="full")), ("CP2 sampled", dict(cp=2, estimator="sampled")),
+               ("PP2 full", dict(pp=2, estimator="full")), ("PP2 sampled", dict(pp=2, estimator="sampled"))]
+    _layouts_match_single(run_distributed(_worker, 2, hf_dir, ckpt, layouts, False), res, layouts)
+
+
+def test_step_tp2_cp2_sp_and_pp2_cp2_match_tp1(hf_dir, single):
+    ckpt, res = single
+    layouts = [("TP2xCP2+SP full", dict(tp=2, sp=True, cp=2, estimator="full")),
+               ("PP2xCP2 full", dict(pp=2, cp=2, estimator="full"))]
+    _layouts_match_single(run_distributed(_worker, 4, hf_dir, ckpt, layouts, False), res, layouts)
+
+
 def test_unsupported_configs_fail_clearly(hf_dir):
     from dasd_megatron.config import ConfigError, apply_overrides
     from dasd_megatron.train.dasd_step import check_supported
 
-    with pytest.raises(ConfigError, match="parallel.context>1"):
-        check_supported(apply_overrides(_cfg(hf_dir), ["parallel.context=2"]))
-    with pytest.raises(ConfigError, match="estimator='full' with parallel.pipeline>1"):
-        check_supported(apply_overrides(_cfg(hf_dir), ["parallel.pipeline=2"]))
+    # 2 prompts x 3 samples = 6 rollouts: 3 per DP rank at world size 2, too few for 4 mini-batches
+    with pytest.raises(ConfigError, match=r"train.updates_per_batch=4: each of the 2 data-parallel rank\(s\) gets 3"):
+        check_supported(apply_overrides(_cfg(hf_dir), ["train.prompts_per_step=2", "train.updates_per_batch=4"]), 2)
+    check_supported(apply_overrides(_cfg(hf_dir), ["train.prompts_per_step=2", "train.updates_per_batch=3"]), 2)
+    # context and pipeline parallelism with either estimator are supported
+    for over in (["parallel.context=2"], ["parallel.pipeline=2", "loss.estimator=full"]):
+        check_supported(apply_overrides(_cfg(hf_dir), over), 2)
 
 
 def _teacher_worker(rank, world_size, hf_dir, mode, estimator):

@@ -10,8 +10,15 @@ boundaries; the SDPA core attention keeps documents apart and RoPE restarts per 
 packs of one micro-batch hold the *same rollouts in the same order*, so their loss rows — the positions that predict
 response tokens, taken in order — line up one to one: row k of the student is the same (rollout, response token)
 as row k of the teacher. This alignment is what the vocab-parallel kernels need (student and teacher logits rows of
-equal shape). Context parallelism would scatter those rows over CP ranks: the DASD step refuses it
-(`check_supported`).
+equal shape).
+
+Context parallelism (`cp_size > 1`): every document is padded at its end to a multiple of 2*cp (megatron /
+Transformer Engine's THD convention: `cu_seqlens` keeps the real lengths, `cu_seqlens_padded` the padded ones; the
+padding comes after the document's tokens, so causal attention never lets a real token see it) and the pack is
+split zig-zag per document (`PackedBatch.cp_shard`, `parallel_layout.ZigZagLayout`): CP rank r holds chunks r and
+2*cp-1-r of every document. The teacher document is longer than the student's, so the rows scoring one response
+token usually sit on different CP ranks: `response_spans` says where they are, and the DASD step moves the teacher
+rows onto the student's (`loss/cp_align.align_teacher_rows`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from dasd_megatron.packing import next_fit
+from dasd_megatron.parallel_layout import ZigZagLayout
 
 
 @dataclass(frozen=True)
@@ -51,39 +59,87 @@ class Rollout:
 
 @dataclass
 class PackedBatch:
-    """One packed micro-batch (thd). `rollout_index`, `targets` and `rollout_logp` are per position `[T]`."""
+    """One packed micro-batch (thd). `rollout_index`, `targets` and `rollout_logp` are per position `[T]`.
+
+    After `cp_shard`, the per-position tensors hold one CP rank's rows (in megatron's local order) while
+    `cu_seqlens` / `cu_seqlens_padded` / `max_seqlen` still describe the whole pack, as megatron expects."""
 
     tokens: torch.Tensor  # [1, T] int64
     position_ids: torch.Tensor  # [1, T] int64, restarting at 0 per document
-    cu_seqlens: torch.Tensor  # [n_docs + 1] int32
+    cu_seqlens: torch.Tensor  # [n_docs + 1] int32: cumulative real document lengths
     max_seqlen: int
     targets: torch.Tensor  # [T] int64: the token this position predicts, -1 where it is not a response token
     rollout_index: torch.Tensor  # [T] int64: global rollout id of the predicted response token, -1 elsewhere
     rollout_logp: torch.Tensor  # [T] fp32: engine log-prob of the predicted token, 0 elsewhere
+    cu_seqlens_padded: Optional[torch.Tensor] = None
+    """[n_docs + 1] int32: cumulative document lengths padded to 2*cp (context parallelism); None without CP."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.rollout_index >= 0
 
+    def padded_doc_lengths(self) -> list[int]:
+        cu = self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded
+        return (cu[1:] - cu[:-1]).tolist()
+
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = self.cu_seqlens
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        cu, cup = self.cu_seqlens, self.cu_seqlens_padded
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cup,
+                               cu_seqlens_kv_padded=cup, max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+    def cp_layout(self, cp_size: int) -> ZigZagLayout:
+        """The zig-zag layout of this (whole) pack over `cp_size` ranks."""
+        return ZigZagLayout(self.padded_doc_lengths(), cp_size)
+
+    def cp_shard(self, cp_size: int, cp_rank: int) -> "PackedBatch":
+        """CP rank `cp_rank`'s rows of this whole pack (documents padded for `cp_size` by `pack`)."""
+        if self.cu_seqlens_padded is None:
+            raise ValueError("cp_shard: the pack was built without cp_size; pack(..., cp_size=cp) pads its documents")
+        rows = self.cp_layout(cp_size).local_positions(cp_rank).to(self.tokens.device)
+        return PackedBatch(self.tokens[:, rows], self.position_ids[:, rows], self.cu_seqlens, self.max_seqlen,
+                           self.targets[rows], self.rollout_index[rows], self.rollout_logp[rows],
+                           self.cu_seqlens_padded)
 
     def to(self, device) -> "PackedBatch":
+        cup = None if self.cu_seqlens_padded is None else self.cu_seqlens_padded.to(device)
         return PackedBatch(self.tokens.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
                            self.max_seqlen, self.targets.to(device), self.rollout_index.to(device),
-                           self.rollout_logp.to(device))
+                           self.rollout_logp.to(device), cup)
 
 
-def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_multiple: int = 1) -> list[list[int]]:
+def cp_pad(n: int, cp_size: int) -> int:
+    """Length `n` padded for the CP split: a multiple of 2*cp (n itself without CP)."""
+    m = 2 * cp_size if cp_size > 1 else 1
+    return -(-n // m) * m
+
+
+def response_spans(rollouts: Sequence[Rollout], ids: Sequence[int], student: PackedBatch, teacher: PackedBatch):
+    """Per rollout of the packs (`rollouts[i] for i in ids`, in pack order), the global position of its first
+    response row in the student and in the teacher pack and its response length (`cp_align.ResponseSpans`)."""
+    from dasd_megatron.loss.cp_align import ResponseSpans
+
+    def starts(pack_: PackedBatch) -> list[int]:
+        cu = pack_.cu_seqlens if pack_.cu_seqlens_padded is None else pack_.cu_seqlens_padded
+        return cu[:len(ids)].tolist()
+
+    s0, t0 = starts(student), starts(teacher)
+    rs = [rollouts[i] for i in ids]
+    return ResponseSpans(student_start=[s + len(r.prompt_ids) - 1 for s, r in zip(s0, rs)],
+                         teacher_start=[t + len(r.teacher_prompt_ids) - 1 for t, r in zip(t0, rs)],
+                         length=[len(r.response_ids) for r in rs])
+
+
+def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_multiple: int = 1,
+                       cp_size: int = 1) -> list[list[int]]:
     """Greedy in-order packing (`next_fit`): consecutive rollouts share a micro-batch while both the student and the
-    teacher packs fit in `budget_tokens` (each rollout counted at its longer sequence, padded to `pad_multiple`).
-    Deterministic, so every run packs alike."""
+    teacher packs fit in `budget_tokens` (each rollout counted at its longer sequence, padded to `pad_multiple`
+    times 2*cp under context parallelism, a bound on what `pack` adds). Deterministic, so every run packs alike."""
+    mult = pad_multiple * (2 * cp_size if cp_size > 1 else 1)
+
     def padded(n: int) -> int:
-        return -(-n // pad_multiple) * pad_multiple
+        return -(-n // mult) * mult
 
     need = [padded(max(r.length(False), r.length(True))) for r in rollouts]
     for i, n in enumerate(need):
@@ -94,12 +150,13 @@ def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_mult
 
 
 def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, rollout_ids: Sequence[int],
-         pad_multiple: int = 1, pad_token: int = 0) -> PackedBatch:
+         pad_multiple: int = 1, pad_token: int = 0, cp_size: int = 1) -> PackedBatch:
     """Pack `rollouts[i] for i in ids` (student or teacher sequences); `rollout_ids` are their global ids.
 
-    The pack's total length is padded to `pad_multiple` (the TP size under sequence parallelism) with one extra
-    padding document whose positions predict nothing."""
-    toks, pos, tgt, rid, rlp, cu = [], [], [], [], [], [0]
+    The pack's total length is padded to `pad_multiple` (the TP size under sequence parallelism; times 2*cp under
+    context parallelism) with one extra padding document whose positions predict nothing. With `cp_size > 1`
+    every document is also padded at its end to a multiple of 2*cp (`cu_seqlens_padded`; module docstring)."""
+    toks, pos, tgt, rid, rlp, cu, cu_pad = [], [], [], [], [], [0], [0]
     for i, gid in zip(ids, rollout_ids):
         r = rollouts[i]
         prompt = list(r.teacher_prompt_ids if teacher else r.prompt_ids)
@@ -115,11 +172,15 @@ def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, roll
             t[P - 1 + k] = resp[k]
             ri[P - 1 + k] = gid
             lp[P - 1 + k] = float(r.rollout_logprobs[k])
-        tgt += t
-        rid += ri
-        rlp += lp
+        extra = cp_pad(L, cp_size) - L  # CP: pad the document to a multiple of 2*cp
+        toks += [pad_token] * extra
+        pos += list(range(L, L + extra))
+        tgt += t + [-1] * extra
+        rid += ri + [-1] * extra
+        rlp += lp + [0.0] * extra
         cu.append(cu[-1] + L)
-    pad = (-len(toks)) % pad_multiple
+        cu_pad.append(cu_pad[-1] + L + extra)
+    pad = (-len(toks)) % (pad_multiple * (2 * cp_size if cp_size > 1 else 1))
     if pad:
         toks += [pad_token] * pad
         pos += list(range(pad))
@@ -127,7 +188,8 @@ def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, roll
         rid += [-1] * pad
         rlp += [0.0] * pad
         cu.append(cu[-1] + pad)
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        cu_pad.append(cu_pad[-1] + pad)
+    lens = [b - a for a, b in zip(cu_pad[:-1], cu_pad[1:])]
     return PackedBatch(
         tokens=torch.tensor(toks, dtype=torch.long)[None],
         position_ids=torch.tensor(pos, dtype=torch.long)[None],
@@ -136,4 +198,5 @@ def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, roll
         targets=torch.tensor(tgt, dtype=torch.long),
         rollout_index=torch.tensor(rid, dtype=torch.long),
         rollout_logp=torch.tensor(rlp, dtype=torch.float32),
+        cu_seqlens_padded=torch.tensor(cu_pad, dtype=torch.int32) if cp_size > 1 else None,
     )
