@@ -11,6 +11,7 @@ slack of 2e-5 of the tensor's largest gradient for entries that are sums of canc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -227,9 +228,10 @@ def test_unsupported_configs_fail_clearly(hf_dir):
         check_supported(apply_overrides(_cfg(hf_dir), over), 2)
 
 
-def _teacher_worker(rank, world_size, hf_dir, mode, estimator):
+def _teacher_worker(rank, world_size, hf_dir, mode, estimator, cp=1):
     """A separate (frozen / EMA) teacher whose weights differ from the policy's: the step must use it for every
-    teacher row (checked against the reference run with that teacher), and update it correctly after the step."""
+    teacher row (checked against the reference run with that teacher; at CP > 1 there is no unpacked reference:
+    compare with the CP = 1 run), and update it correctly after the step."""
     from dasd_megatron.config import apply_overrides
     from dasd_megatron.model.builder import build_model
     from dasd_megatron.model.hf_config import load_hf_architecture
@@ -242,8 +244,8 @@ def _teacher_worker(rank, world_size, hf_dir, mode, estimator):
     arch = load_hf_architecture(hf_dir)
     rollouts = _rollouts(arch.vocab_size)
     adv = _advantages(rollouts)
-    cfg = apply_overrides(_cfg(hf_dir, estimator=estimator), [f"train.teacher={mode}", "train.ema_decay=0.75",
-                                                               "optim.lr=0.01"])
+    cfg = apply_overrides(_cfg(hf_dir, estimator=estimator, cp=cp), [f"train.teacher={mode}", "train.ema_decay=0.75",
+                                                                      "optim.lr=0.01"])
     ctx = initialize_parallel(cfg.parallel)
     model = build_model(cfg, arch)
     teacher = TeacherWeights(build_model(cfg, arch), mode, cfg.train.ema_decay)
@@ -252,7 +254,8 @@ def _teacher_worker(rank, world_size, hf_dir, mode, estimator):
     with torch.no_grad():  # move the teacher away from the policy so that using the wrong one shows
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    ref_loss, ref_grads = _reference(model, arch, rollouts, adv, cfg.loss, teacher_model=teacher.model)
+    ref_loss, ref_grads = (_reference(model, arch, rollouts, adv, cfg.loss, teacher_model=teacher.model) if cp == 1
+                           else (None, None))
     teacher_before = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
     ddp = wrap_ddp(model)
     step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx, teacher=teacher)
@@ -287,3 +290,130 @@ def test_separate_teacher_is_used_and_updated(hf_dir, mode, estimator):
             torch.testing.assert_close(after, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"EMA {n}: {m}")
         moved += not torch.equal(policy, before)
     assert moved, "the policy did not move: the update check would be vacuous"
+
+
+def test_ema_teacher_at_cp2_matches_cp1(hf_dir):
+    one = run_distributed(_teacher_worker, 1, hf_dir, "ema", "full")[0]
+    two = run_distributed(_teacher_worker, 2, hf_dir, "ema", "full", 2)
+    for rank, r in enumerate(two):
+        assert abs(r["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]) + 1e-8, (rank, r["loss"], one["loss"])
+        _grads_close(r["grads"], one["grads"], f"EMA teacher CP2 rank {rank}")
+        for n, want in one["teacher_after"].items():
+            # the EMA update itself, exactly, on every CP rank (float64: 0.75 * old teacher + 0.25 * new policy)
+            ema = (0.75 * r["teacher_before"][n].double() + 0.25 * r["policy_after"][n].double()).float()
+            torch.testing.assert_close(r["teacher_after"][n], ema, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"CP2 rank {rank} EMA {n}: {m}")
+            # and the same teacher as at CP=1, up to Adam's first step: lr * g / (|g| + eps) turns a rounding-level
+            # gradient difference into up to 2 * lr for entries whose gradient is itself rounding noise
+            torch.testing.assert_close(r["teacher_after"][n], want, rtol=0, atol=0.25 * 2 * 0.01,
+                                       msg=lambda m: f"CP2 rank {rank} teacher {n} vs CP1: {m}")
+
+
+def _ref_rows(model, arch, rollouts, teacher: bool):
+    """Unpacked fp32 forwards: per rollout, the logits rows that score its response tokens."""
+    rows = []
+    for r in rollouts:
+        prompt = list(r.teacher_prompt_ids if teacher else r.prompt_ids)
+        seq = torch.tensor(prompt + list(r.response_ids))[None]
+        logits = model(seq, torch.arange(seq.shape[1])[None], None)[0]
+        rows.append(logits[len(prompt) - 1:len(prompt) - 1 + len(r.response_ids), : arch.vocab_size])
+    return torch.cat(rows)
+
+
+def _minibatch_worker(rank, world_size, hf_dir, estimator):
+    """Two PPO updates on one batch, by hand through the step's phases, against a float64 reference of two
+    sequential updates; then `run` from the same start must take the same two updates."""
+    import loss_reference as ref
+
+    from dasd_megatron.config import apply_overrides
+    from dasd_megatron.model.builder import build_model
+    from dasd_megatron.model.hf_config import load_hf_architecture
+    from dasd_megatron.model.sharding import full_named_tensors
+    from dasd_megatron.parallel import initialize_parallel
+    from dasd_megatron.train.dasd_step import DASDStep
+    from dasd_megatron.train.engine import build_optimizer, optimizer_step, wrap_ddp
+
+    arch = load_hf_architecture(hf_dir)
+    # rewards that vary inside both groups (= both halves), so the GRPO advantage, and the clip, act in both updates
+    rollouts = [dataclasses.replace(r, reward=float(i % 2)) for i, r in enumerate(_rollouts(arch.vocab_size))]
+    adv = _advantages(rollouts)
+    # a large step and a narrow clip range, so that the second update's ratio leaves [1 - eps, 1 + eps]
+    cfg = apply_overrides(_cfg(hf_dir, estimator=estimator), ["train.updates_per_batch=2", "optim.lr=0.05",
+                                                              "loss.clip_eps_low=0.05", "loss.clip_eps_high=0.05"])
+    ctx = initialize_parallel(cfg.parallel)
+    model = build_model(cfg, arch)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    ref0 = build_model(cfg, arch)
+    ref0.load_state_dict(model.state_dict())
+    ddp = wrap_ddp(model)
+    step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
+    ids = list(range(len(rollouts)))
+    halves = [ids[:3], ids[3:]]  # what `run` cuts: 6 rollouts, 2 updates
+    minis = [step.build_micro_batches([rollouts[i] for i in h], h) for h in halves]
+    scores = step.score(minis[0] + minis[1])
+    rstats = step.rollout_stats(minis[0] + minis[1], scores, len(rollouts))
+    got = []
+    k = len(minis[0])
+    for j, (mini, sc) in enumerate(zip(minis, (scores[:k], scores[k:]))):
+        if j == 1:
+            theta1 = build_model(cfg, arch)
+            theta1.load_state_dict(model.state_dict())
+        summary = step.summarise(step.train_after_scoring(mini, sc, adv, rstats))
+        got.append((summary, {n: g.clone() for n, g in full_named_tensors(ddp, grads=True).items()}))
+        optimizer_step(step.optimizer, lr=cfg.optim.lr)
+
+    # the float64 reference: old log-probs, router statistics and (sampled) teacher log-probs from theta0 over the
+    # whole batch; each update's token mean over its own half; the second update's student (and, for `full`, its
+    # teacher: train.teacher=current) at theta1
+    targets = torch.tensor([t for r in rollouts for t in r.response_ids])
+    rid = torch.tensor([i for i, r in enumerate(rollouts) for _ in r.response_ids])
+    rlp = torch.tensor([x for r in rollouts for x in r.rollout_logprobs], dtype=torch.float64)
+    with torch.no_grad():
+        s0, t0 = _ref_rows(ref0, arch, rollouts, False), _ref_rows(ref0, arch, rollouts, True)
+        tok0 = ref.ref_token_stats(s0, t0, targets, temperature=cfg.loss.temperature)
+    stats = ref.ref_rollout_stats(tok0["entropy"], tok0["teacher_logp"] - tok0["logp"], rid, len(rollouts), cfg.loss)
+    out = []
+    for j, net in enumerate((ref0, theta1)):
+        sel = torch.isin(rid, torch.tensor(halves[j]))
+        s = _ref_rows(net, arch, rollouts, False)[sel]
+        t = (t0 if estimator == "sampled" else _ref_rows(net, arch, rollouts, True))[sel].detach()
+        tok = ref.ref_token_stats(s, t, targets[sel], temperature=cfg.loss.temperature)
+        if estimator == "sampled":
+            tok["teacher_logp"] = tok0["teacher_logp"][sel]
+        old = tok0["logp"][sel]
+        ratio = torch.exp(tok["logp"].detach() - old)
+        loss = ref.ref_dasd_loss(tok, rid[sel], adv.tolist(), cfg.loss, old_logp=old, rollout_logp=rlp[sel],
+                                 stats=stats)
+        net.zero_grad()
+        loss.backward()
+        out.append(dict(loss=loss.item(), grads={n: p.grad.detach().clone() for n, p in net.named_parameters()},
+                         ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item()))
+
+    # `run` from theta0 on a fresh model and optimizer
+    model2 = build_model(cfg, arch)
+    model2.load_state_dict(theta0, strict=False)
+    ddp2 = wrap_ddp(model2)
+    result = DASDStep(ddp2, build_optimizer(ddp2, cfg.optim), cfg, arch, ctx).run(rollouts, ids, adv)
+    return dict(got=[(m, None) for m, _ in got], got_grads=[g for _, g in got], ref=out, run=result)
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "full"])
+def test_two_ppo_updates_match_float64_reference(hf_dir, estimator):
+    r = run_distributed(_minibatch_worker, 1, hf_dir, estimator)[0]
+    for j in range(2):
+        m, want = r["got"][j][0], r["ref"][j]
+        assert abs(m["loss/dasd"] - want["loss"]) <= 1e-5 * abs(want["loss"]) + 1e-8, (j, m["loss/dasd"], want)
+        _grads_close(r["got_grads"][j], want["grads"], f"update {j}")
+        assert m["loss/ratio_mean"] == pytest.approx(want["ratio_mean"], rel=1e-5)
+        assert m["loss/ratio_max"] == pytest.approx(want["ratio_max"], rel=1e-5)
+    first, second = r["got"][0][0], r["got"][1][0]
+    assert first["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and first["loss/clip_frac"] == 0.0
+    assert abs(second["loss/ratio_mean"] - 1.0) > 1e-3 and second["loss/clip_frac"] > 0.0, second
+    run = r["run"]  # `run` takes the same two updates and logs each
+    assert run["optim/updates"] == 2
+    for j in range(2):
+        m = r["got"][j][0]
+        assert run[f"ppo/update{j}/loss"] == pytest.approx(m["loss/dasd"], rel=1e-5, abs=1e-8)
+        assert run[f"ppo/update{j}/clip_frac"] == pytest.approx(m["loss/clip_frac"], abs=1e-9)
+        assert run[f"ppo/update{j}/ratio_mean"] == pytest.approx(m["loss/ratio_mean"], rel=1e-5)
+    assert run["loss/clip_frac"] > 0.0
