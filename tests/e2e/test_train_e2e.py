@@ -129,3 +129,40 @@ def test_ema_teacher_dynamic_sampling_eval_and_resume(assets):
         for k in ("loss/dasd", "loss/kl", "grad_norm", "eval/accuracy"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-8), (x["step"], k, x[k], y[k])
+
+
+def test_context_parallel_run_with_two_updates_syncs_and_resumes(assets):
+    """`dasd train` at CP=2 (2 ranks: teacher rows moved across the CP group, zig-zag packs), with two PPO updates
+    per batch: the sync invariant holds after every step, the second update's ratio moves, and a run killed with
+    SIGKILL after a checkpoint resumes to the uninterrupted run's metrics."""
+    root, model, data = assets
+    extra = ["parallel.tensor=1", "parallel.context=2", "train.updates_per_batch=2"]
+    full, killed = str(root / "cp_full"), str(root / "cp_killed")
+    r = subprocess.run(_cmd(model, data, full, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = _metrics(full)
+    assert [x["step"] for x in a] == [1, 2, 3]
+    assert json.load(open(os.path.join(full, "config.json")))["parallel"]["context"] == 2
+    for x in a:
+        assert math.isfinite(x["loss/dasd"]) and x["loss/num_tokens"] > 0 and x["optim/updates"] == 2
+        assert x["ppo/update0/ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # the first update is on-policy
+    assert any(abs(x["ppo/update1/ratio_mean"] - 1.0) > 1e-7 for x in a)  # the second is not
+    for x in a[1:]:  # sync invariant (see test_train_tp2_end_to_end)
+        assert x["rollout/logp_mismatch_abs"] < 1e-4, x["rollout/logp_mismatch_abs"]
+
+    p = subprocess.Popen(_cmd(model, data, killed, 3) + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=ENV, start_new_session=True)
+    marker = os.path.join(killed, "checkpoints", "step_00000002")
+    t0 = time.time()
+    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert os.path.exists(marker), "the run never reached its second checkpoint"
+    r = subprocess.run(_cmd(model, data, killed, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    b = _metrics(killed)
+    assert [x["step"] for x in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for k in ["loss/dasd", "rollout/reward_mean", "grad_norm", "loss/kl", "ppo/update1/ratio_mean"]:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-8), (x["step"], k, x[k], y[k])
