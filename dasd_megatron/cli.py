@@ -28,7 +28,6 @@ import time
 from dasd_megatron.config import ConfigError, RunConfig, apply_overrides, to_dict
 from dasd_megatron.data import DataError
 from dasd_megatron.eval.cli import add_eval_parsers
-from dasd_megatron.launch.checks import check_paths
 from dasd_megatron.launch.cli import add_submit_parser
 from dasd_megatron.launch.orphans import LAUNCHER_PID_ENV
 from dasd_megatron.megatron_compat import quiet_known_warnings
@@ -36,6 +35,7 @@ from dasd_megatron.model.convert import export_summary, run_export
 from dasd_megatron.model.hf_config import tiny_config
 from dasd_megatron.model.hf_mapping import ConversionError
 from dasd_megatron.model.pretrained import resolve_pretrained
+from dasd_megatron.preflight import preflight
 from dasd_megatron.testing.distributed import free_port
 from dasd_megatron.train.metrics_log import read_metrics_jsonl
 from dasd_megatron.train.run_report import add_report_parser, build_report
@@ -58,11 +58,20 @@ def _default_model_dir(run_dir: str) -> str:
     return d
 
 
-def _resolve(args) -> RunConfig:
-    cfg = apply_overrides(RunConfig(), args.overrides)
+def _with_default_model(cfg: RunConfig) -> RunConfig:
+    """`cfg`, or with no `model.hf_config` the tiny random-weights model of smoke runs (`_default_model_dir`)."""
     if not cfg.model.hf_config:
         cfg = apply_overrides(cfg, [f"model.hf_config={_default_model_dir(cfg.run_dir)}"])
     return cfg
+
+
+def _resolve(args) -> RunConfig:
+    return _with_default_model(apply_overrides(RunConfig(), args.overrides))
+
+
+def _world_size(nproc: int) -> int:
+    """The world size the command will run at: torchrun's when under it, else `--nproc`."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:
@@ -114,9 +123,10 @@ def _resolve_train(args) -> RunConfig:
 def cmd_train(args) -> int:
     """DASD training (see dasd_megatron/train/loop.py); with --nproc N, relaunched under torchrun."""
     cfg = _resolve_train(args)  # config errors surface here, before any process starts
-    check_paths(cfg)  # input paths: one line naming the field and the fix, not a traceback per rank
+    # the trainer's own start checks (dasd_megatron.preflight), in one line naming the field and the fix, before
+    # torchrun starts any rank (the trainer runs the same function again at start)
+    preflight(cfg, _world_size(args.nproc))
     if args.nproc > 1 and "RANK" not in os.environ:
-        cfg.validate_layout(args.nproc)
         resolve_pretrained(cfg.model.hf_config)  # a hub id is fetched or materialised once, before the ranks start
         return _relaunch_under_torchrun(args.nproc)
     from dasd_megatron.train.loop import train  # megatron-core: see the imports
@@ -150,9 +160,12 @@ def _eval_points(run_dir: str) -> list[tuple[int, float]]:
 
 
 def cmd_validate(args) -> int:
-    cfg = _resolve(args)
-    check_paths(cfg, need_data=False)
-    cfg.validate_layout(args.world_size)
+    """The trainer's preflight (dasd_megatron.preflight) at `--world-size`: data is checked when given; the weights
+    of a model when one is given (with none, the layout is checked on the tiny random model of smoke runs)."""
+    cfg = apply_overrides(RunConfig(), args.overrides)
+    named_model = bool(cfg.model.hf_config)
+    cfg = _with_default_model(cfg)
+    preflight(cfg, args.world_size, need_data=False, need_weights=named_model)
     print(f"OK: {json.dumps(to_dict(cfg))}")
     return 0
 
@@ -160,13 +173,13 @@ def cmd_validate(args) -> int:
 def cmd_smoke(args) -> int:
     """A few optimizer steps of next-token training on a fixed random batch (dasd_megatron/train/smoke.py): proves
     the layout end to end; with --nproc N, relaunched under torchrun."""
+    cfg = _resolve(args)  # config errors surface here, before any process starts
     if args.nproc > 1 and "RANK" not in os.environ:
-        cfg = _resolve(args)  # fail on bad config before any process starts
-        cfg.validate_layout(args.nproc)
+        preflight(cfg, args.nproc, job="smoke")  # what run_smoke checks at start, before any process starts
         return _relaunch_under_torchrun(args.nproc)
     from dasd_megatron.train.smoke import run_smoke  # megatron-core: see the imports
 
-    run_smoke(_resolve(args), steps=args.steps, micro_batches=args.micro_batches, lr=args.lr)
+    run_smoke(cfg, steps=args.steps, micro_batches=args.micro_batches, lr=args.lr)
     return 0
 
 

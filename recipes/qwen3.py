@@ -5,7 +5,11 @@ From docs/METHOD.md: the method and its defaults (rho 0.2 'upper', tanh router w
 0.2 / 0.28, truncated IS cap 2.0, teacher = current policy), training data DAPO-Math-17k, the three model sizes.
 METHOD.md gives no batch sizes, lengths, learning rate or step counts; ours, shared by every GPU recipe:
 
-* 64 prompts x 8 samples (G = 8) per step, 300 steps (~1.1 epochs of DAPO-Math-17k's ~17.4k prompts);
+* training data DAPO-Math-17k from the hub (`BytedTsinghua-SIA/DAPO-Math-17k`, verl schema; override `data.source`
+  with a local copy, e.g. ../shared/data/dapo_math_17k/dapo_math_17k.parquet, on clusters without hub access);
+* 64 prompts x 8 samples (G = 8) per step, 300 steps (~1.1 epochs of DAPO-Math-17k's ~17.4k prompts), two PPO
+  updates per batch (`train.updates_per_batch=2`: mini-batches of 256 rollouts, the paper's neighbouring recipes'
+  ratio of train batch 256 to PPO mini-batch 128);
 * prompts up to 1024 tokens, responses up to 8192 (Qwen3 thinking traces on AIME-level problems are long);
 * packed micro-batches of 16384 student tokens, model.seq_length 16384 (the privileged teacher prompt must fit the
   same budget: the trainer packs teacher sequences with it);
@@ -21,16 +25,18 @@ from __future__ import annotations
 
 from functools import partial
 
-from dasd_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from dasd_megatron.config import DataConfig, ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
 from dasd_megatron.launch.placement import RolloutPlacement, TrainerResources
 from dasd_megatron.launch.spec import Recipe
 from dasd_megatron.train.config import TrainConfig
-from dasd_megatron.train.config import OptimConfig
+from dasd_megatron.train.config import OptimConfig, RolloutConfig
 from recipes.methods import METHODS, loss_for
 from recipes.models import QWEN3_1P7B, QWEN3_4B, QWEN3_8B
 from recipes.registry import register
 
 H100_GPUS_PER_NODE = 8
+DAPO_MATH_17K = "BytedTsinghua-SIA/DAPO-Math-17k"
+"""The training set (METHOD.md), by hub name; `dasd_megatron.data` loads it with `datasets`."""
 SEQ_LENGTH = 16384
 PRECISIONS = ("bf16", "fp8")
 
@@ -54,8 +60,10 @@ def _qwen3(name: str, hub_id: str, method: str, precision: str, parallel: Parall
         loss=loss_for(method, temperature=1.0),
         optim=OptimConfig(lr=1e-6, weight_decay=0.1, clip_grad=1.0, warmup_steps=10),
         train=TrainConfig(steps=300, prompts_per_step=64, samples_per_prompt=8, max_prompt_tokens=1024,
-                          max_response_tokens=8192, micro_batch_tokens=SEQ_LENGTH, teacher="current",
+                          max_response_tokens=8192, micro_batch_tokens=SEQ_LENGTH, teacher="current", updates_per_batch=2,
                           eval_interval=0, checkpoint_interval=25, keep_last_checkpoints=2),  # eval: `dasd eval` on checkpoints
+        data=DataConfig(source=DAPO_MATH_17K, schema="dapo"),
+        rollout=RolloutConfig(colocated=placement.colocated),  # servers on the trainer's GPUs: release while training
         run_dir=f"runs/{name}",
     )
     summary = doc.strip().splitlines()[0]

@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 __all__ = ["ServerConfig", "ManagerConfig", "ServerManager", "ServerStartError", "server_command"]
 
 BACKENDS = ("builtin", "sglang")
+#: torchrun's per-worker variables, left out of a server's environment (with every TORCHELASTIC_*): a server
+#: launched from a trainer rank is not a worker of the trainer's job, and with TORCHELASTIC_USE_AGENT_STORE=True
+#: torch's tcp:// rendezvous (SGLang's own TP group, its weight-update group) never hosts a store
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 class ServerStartError(RuntimeError):
@@ -278,7 +283,7 @@ class ServerManager:
         cmd = server_command(p.cfg, python=self.config.python, model_path=self.current_model_path,
                              weight_version=self.current_version,
                              sglang_config=self._sglang_config(i, p.api_key) if sglang and p.api_key else None)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
         env.pop(auth.API_KEY_ENV, None)  # a server's key is exactly p.api_key
         env.pop(auth.API_KEY_FILE_ENV, None)
         env.update(dict(p.cfg.env))

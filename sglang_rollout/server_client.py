@@ -112,8 +112,8 @@ class ServerClient:
             body["weight_version"] = weight_version
         return self._update("/update_weights_from_distributed", body)
 
-    def destroy_weights_update_group(self, group_name: str) -> dict:
-        return self._update("/destroy_weights_update_group", {"group_name": group_name})
+    def destroy_weights_update_group(self, group_name: str, timeout_s: Optional[float] = None) -> dict:
+        return self._update("/destroy_weights_update_group", {"group_name": group_name}, timeout_s)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         return self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})

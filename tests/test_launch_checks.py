@@ -12,8 +12,11 @@ from dasd_megatron.config import ConfigError
 from dasd_megatron.launch.checks import check_recipe, resolve_recipe
 from dasd_megatron.launch.executors import SlurmSettings
 from dasd_megatron.launch.submit import submit
+from recipes.smollm2 import EASY_ARITHMETIC as EASY
 
 SLURM = SlurmSettings(account="acct", partition="batch", packager="none")
+# the GPU recipes leave data.source to the user and a train job needs one: a cluster path (warned about, not here)
+CLUSTER_DATA = "data.source=/cluster-only-fs/data/train.jsonl"
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -39,11 +42,11 @@ def test_unknown_or_invalid_field(overrides, match):
      r"8 servers x tensor_parallel 2 = 16 GPUs, but each trainer node has 8"),
     ("qwen3_8b_dasd_2node_2rollout_h100_bf16", ["placement.servers_per_node=8"],
      r"= 16 GPUs, but each rollout node has 8"),
-    ("tiny_qwen3_dasd_cpu", ["placement.mode=colocated"], r"SGLang servers need GPUs"),
-    ("tiny_qwen3_dasd_cpu", ["model.seq_length=32"], r"a packed micro-batch must fit model.seq_length=32"),
+    ("smollm2_135m_dasd_cpu", ["placement.mode=colocated"], r"SGLang servers need GPUs"),
+    ("smollm2_135m_dasd_cpu", ["model.seq_length=32"], r"a packed micro-batch must fit model.seq_length=32"),
 ])
 def test_impossible_layout_for_the_nodes(name, overrides, match):
-    recipe = resolve_recipe(name, overrides)
+    recipe = resolve_recipe(name, [CLUSTER_DATA, *overrides])
     with pytest.raises(ConfigError, match=match):
         check_recipe(recipe)
 
@@ -53,7 +56,7 @@ def test_submit_refuses_before_writing_anything(tmp_path):
     bad = resolve_recipe("qwen3_4b_dasd_2node_h100_bf16", ["parallel.tensor=3", f"run_dir={run_dir}"])
     with pytest.raises(ConfigError, match="parallel"):
         submit(bad, executor="slurm", slurm=SLURM, experiments_dir=str(tmp_path / "exp"))
-    two_nodes = resolve_recipe("qwen3_4b_dasd_2node_h100_bf16", [f"run_dir={run_dir}"])
+    two_nodes = resolve_recipe("qwen3_4b_dasd_2node_h100_bf16", [f"run_dir={run_dir}", f"data.source={EASY}"])
     with pytest.raises(ConfigError, match="needs 2 nodes.*local executor runs on this machine only"):
         submit(two_nodes, executor="local", experiments_dir=str(tmp_path / "exp"))
     in_container = SlurmSettings(account="acct", packager="none", container_image="img", container_mounts=("/lustre:/lustre",))

@@ -24,8 +24,13 @@ def no_stdin(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
 
 
+DATA = "/lustre/data/dapo-math-17k.jsonl"
+"""The GPU recipes leave data.source to the user; a train job needs one (a cluster path: warned about, not here)."""
+
+
 def dryrun(name, job="train", overrides=(), settings=CLUSTER, executor="slurm"):
-    recipe = resolve_recipe(name, [*overrides, f"run_dir=/lustre/runs/{name}"])
+    data = [f"data.source={DATA}"] if job == "train" else []
+    recipe = resolve_recipe(name, [*data, *overrides, f"run_dir=/lustre/runs/{name}"])
     sub = submit(recipe, executor=executor, job=job, slurm=settings if executor == "slurm" else None, dryrun=True)
     assert sub.dryrun and sub.script
     return sub.script
@@ -72,7 +77,8 @@ def test_two_node_colocated(tmp_path):
     assert body.index("dasd_megatron.launch.rollout_node --run-dir /lustre/runs/") < body.index("torch.distributed.run")
     assert re.search(r"--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
                      r"\"--rdzv-endpoint=\$DASD_RDZV_HOST:\$DASD_RDZV_PORT\" \"--rdzv-id=\$SLURM_JOB_ID\" "
-                     r"-m dasd_megatron.cli train --recipe qwen3_4b_dasd_2node_h100_bf16 run_dir=", body)
+                     r"-m dasd_megatron.cli train --recipe qwen3_4b_dasd_2node_h100_bf16 "
+                     rf"data.source={DATA} run_dir=", body)
     env = evaluated_env(script, SLURM_JOB_ID=12345, head_node_ip="10.0.0.7")
     assert (env["DASD_RDZV_HOST"], env["DASD_RDZV_PORT"], env["DASD_PORT_OFFSET"]) == ("10.0.0.7", "22345", "4500")
     assert_valid_bash(script.split("\n# ---- ")[0], tmp_path)

@@ -1,4 +1,4 @@
-"""Every input path of a run is checked before any process starts (`dasd_megatron.launch.checks.check_paths`):
+"""Every input path of a run is checked before any process starts (`dasd_megatron.preflight.check_paths`):
 `data.source`, `train.eval_source` (when evaluation is on) and `model.hf_config`, by `dasd train` (also with
 `--nproc 2`), `dasd validate` and `dasd submit --dryrun`. One line naming the field, the value and the fix; exit 2; no
 traceback. Hub ids are legitimate values, checked offline only (spelling; with the offline variables, the cache)."""
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from dasd_megatron.config import ConfigError, RunConfig, apply_overrides
-from dasd_megatron.launch.checks import check_paths, check_recipe, resolve_recipe
+from dasd_megatron.launch.checks import check_recipe, resolve_recipe
+from dasd_megatron.preflight import check_paths
 from recipes.models import TINY_QWEN3
 
 ROOT = Path(__file__).parents[1]
@@ -114,11 +115,11 @@ def test_on_cluster_missing_paths_warn_only_where_they_cannot_be_checked(data, t
         check_paths(cfg(f"data.source={tmp_path / 'missing.jsonl'}"), on_cluster=True)
     with pytest.raises(ConfigError, match="no such file or folder"):
         check_paths(c)  # `dasd train` / `dasd validate` run here: strict
-    recipe = resolve_recipe("tiny_qwen3_dasd_cpu", [f"data.source={tmp_path / 'missing.jsonl'}"])
+    recipe = resolve_recipe("smollm2_135m_dasd_cpu", [f"data.source={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(ConfigError, match=r"data.source='.*missing.jsonl': no such file or folder"):
         check_recipe(recipe)
-    local = resolve_recipe("tiny_qwen3_dasd_cpu", ["data.source=/cluster-only-fs/me/train.jsonl"])
-    check_recipe(local)  # warned
+    local = resolve_recipe("smollm2_135m_dasd_cpu", ["data.source=/cluster-only-fs/me/train.jsonl"])
+    assert any("not on this machine" in w for w in check_recipe(local))  # warned
     with pytest.raises(ConfigError, match="no such file or folder"):
         check_recipe(local, on_cluster=False)
 
@@ -165,7 +166,8 @@ def test_data_error_inside_train_is_one_line(tmp_path, monkeypatch, capsys, data
         raise BadRowError(3, "answer", "gold answer is missing or empty", "repair or remove row 3")
 
     monkeypatch.setattr(loop, "train", train)
-    assert cli.main(["train", f"data.source={data}", f"model.hf_config={TINY_QWEN3}"]) == 2
+    # a hub model (its shipped config): the preflight does not look for its weights, so the run reaches `train`
+    assert cli.main(["train", f"data.source={data}", "model.hf_config=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 2
     err = capsys.readouterr().err
     assert err == ("dasd: config error: row 3: field 'answer': gold answer is missing or empty. Fix: repair or remove "
                    "row 3\n")

@@ -29,15 +29,31 @@ def test_registry_lists_every_size_method_and_precision():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_recipe_validates_and_writes_its_config(name, tmp_path):
+def test_recipe_validates_and_writes_its_config(name, tmp_path, monkeypatch):
     recipe = get_recipe(name)
     assert recipe.name == name and recipe.description
     assert isinstance(recipe.config, RunConfig)
     fp8 = recipe.config.precision.fp8 is not None
-    check_recipe(recipe, te_available=True if fp8 else None)  # raises on any layout/placement problem
+    te = True if fp8 else None
+    assert check_recipe(recipe, te_available=te, job="smoke") == []  # raises on any layout/placement problem
+    if name.startswith("tiny_qwen3_"):  # a config-only model (random weights): a smoke recipe, refused for training
+        with pytest.raises(ConfigError, match=r"model.hf_config=.*config.json but no weights"):
+            check_recipe(recipe.with_overrides(["data.source=../shared/data/gsm8k/test.jsonl"]), te_available=te,
+                         on_cluster=False)
+    else:  # the whole training preflight at the recipe's world size (layout, the trainer's rules, paths), as is
+        warnings = check_recipe(recipe, te_available=te)
+        if recipe.trainer.accelerator == "gpu":  # DAPO-Math-17k by hub name: only warned about while offline here
+            assert recipe.config.data.source == "BytedTsinghua-SIA/DAPO-Math-17k"
+            assert len(warnings) == 1 and "not in this host's cache" in warnings[0], warnings
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+            assert check_recipe(recipe, te_available=te) == []  # where the hub is reachable
+            assert recipe.config.train.updates_per_batch == 2
+        else:
+            assert warnings == []
     if fp8:  # FP8 needs TE: without it the same recipe must be refused
         with pytest.raises(ConfigError, match="Transformer Engine"):
-            check_recipe(recipe, te_available=False)
+            check_recipe(recipe, te_available=False, job="smoke")
     # the dotted overrides the launcher passes rebuild exactly this config
     assert apply_overrides(RunConfig(), config_overrides(recipe.config)) == recipe.config
     recipe = recipe.with_overrides([f"run_dir={tmp_path / 'run'}"])

@@ -319,10 +319,47 @@ def test_pause_abort_in_place_continue_and_flush(server):
     assert box["out"]["meta_info"]["finish_reason"] == {"type": "length", "length": 400}
 
 
-def test_release_resume_memory_are_accepted(server):
-    for path in ("/release_memory_occupation", "/resume_memory_occupation"):
-        assert call(server.url, path, {"tags": ["weights"]}) == (200, None)
-        assert call(server.url, path, {}) == (200, None)
+def test_release_resume_memory_follow_sglangs_rules(server, model_dir):
+    """200 null as SGLang; SGLang's bookkeeping (null/empty tags = every type, resuming a type that is not released
+    fails, releasing needs an idle server); while released, generation and (weights) updates are refused, and a
+    refused update changes nothing. Calls are counted in /server_info and logged."""
+    rel, res = "/release_memory_occupation", "/resume_memory_occupation"
+    info = lambda: call(server.url, "/server_info", method="GET")[1]  # noqa: E731
+    calls0, version0 = info()["memory_calls"], info()["weight_version"]
+    assert call(server.url, rel, {"tags": ["weights", "kv_cache"]}) == (200, None)
+    assert info()["memory_released"] == ["kv_cache", "weights"]
+    status, body = call(server.url, rel, {"tags": ["weights"]})
+    assert status == 400 and "already released" in body["error"]
+    status, body = call(server.url, "/generate", {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
+    assert status == 400 and "memory is released" in body["error"]
+    status, body = call(server.url, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": "x"})
+    assert status == 400 and not body["success"] and "weights are released" in body["message"]
+    assert info()["weight_version"] == version0
+    status, body = call(server.url, res, {"tags": ["cuda_graph"]})  # never released: SGLang's KeyError
+    assert status == 400 and "not released" in body["error"]
+    status, body = call(server.url, res, {"tags": ["bogus"]})
+    assert status == 400 and "unknown memory type" in body["error"]
+    assert call(server.url, res, {"tags": ["weights"]}) == (200, None)
+    assert call(server.url, "/update_weights_from_disk", {"model_path": model_dir,
+                                                          "weight_version": version0})[1]["success"]
+    assert call(server.url, res, {"tags": ["kv_cache"]}) == (200, None)
+    assert info()["memory_released"] == []
+    assert len(gen(server, max_new_tokens=3, temperature=0.0)["output_ids"]) == 3
+    # null and empty tags: every type (weights, KV cache, CUDA graphs), both ways; GET works too
+    assert call(server.url, rel, {}) == (200, None)
+    assert info()["memory_released"] == ["cuda_graph", "kv_cache", "weights"]
+    assert call(server.url, res, {"tags": []}) == (200, None)
+    assert call(server.url, rel, method="GET") == (200, None)
+    assert call(server.url, res, {"tags": None}) == (200, None)
+    calls = info()["memory_calls"]
+    assert (calls["release"] - calls0["release"], calls["resume"] - calls0["resume"]) == (3, 4)
+    # a busy server refuses to release (SGLang asserts is_fully_idle)
+    t, box = _in_thread(lambda: gen(server, max_new_tokens=400, temperature=1.0, ignore_eos=True))
+    _wait_running(server)
+    status, body = call(server.url, rel, {})
+    assert status == 400 and "idle" in body["error"]
+    t.join(60)
+    assert info()["memory_released"] == [] and box["out"]["meta_info"]["finish_reason"]["type"] == "length"
 
 
 def test_every_builtin_route_is_in_the_contract_table():

@@ -79,3 +79,36 @@ def test_refused_update_fails_the_sync_names_the_server_and_changes_nothing(setu
         s.continue_generation()  # a failed sync leaves the servers paused
     after = [(RolloutClient([u]).logprobs(SEQ), s.weight_version()) for u, s in zip(mgr.urls, servers)]
     assert after == before
+
+
+def test_a_server_that_cannot_join_fails_the_connect_at_once_and_close_cleans_up(setup):
+    """Both servers already hold a group of that name, so they refuse to join a second one (400): the connect fails
+    with their answer at once, not after `timeout_s` of waiting for ranks that will not come. Closing the first
+    transport destroys the group on both servers (/server_info lists none), and a new group can then be made."""
+    import time
+
+    mgr, a, _ = setup
+    servers = mgr.clients(timeout_s=60)
+    first = DistributedTransport(master_address="127.0.0.1", master_port=free_port(), backend="gloo", timeout_s=60)
+    first.connect(servers)
+    try:
+        assert all(s.http.request(s.url, "GET", "/server_info", None, timeout_s=10).data["weight_update_groups"]
+                   == ["weight_update_group"] for s in servers)
+        second = DistributedTransport(master_address="127.0.0.1", master_port=free_port(), backend="gloo",
+                                      timeout_s=30)
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="already exists"):
+            second.connect(servers)
+        assert time.monotonic() - t0 < 10 and second.group is None
+        second.close(servers)  # nothing to close: no request is sent
+    finally:
+        first.close(servers)
+    assert all(s.http.request(s.url, "GET", "/server_info", None, timeout_s=10).data["weight_update_groups"] == []
+               for s in servers)
+    sync = WeightSync(servers, DistributedTransport(master_address="127.0.0.1", master_port=free_port(),
+                                                    backend="gloo", timeout_s=60))
+    try:
+        sync.sync(a.state_dict().items(), "again")
+        _check(mgr, a, "again")
+    finally:
+        sync.close()

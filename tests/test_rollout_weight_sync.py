@@ -160,10 +160,22 @@ def test_sync_during_a_rollout_retries_aborted_samples_with_the_new_version(serv
 
 
 def test_release_and_resume_memory_reach_every_server(server, models):
-    sync = WeightSync(servers_of(server, server), TensorTransport())
-    sync.release_memory(["weights", "kv_cache"])
-    rep = sync.sync(models[2].state_dict().items(), "v", resume_memory=True)
-    assert "resume_weights" in rep.timing and "resume_kv_cache" in rep.timing
+    """Both servers are released (weights + KV cache, while they refuse to generate), then the sync resumes the
+    weights, loads the new ones and resumes the KV cache: each server counts one release and two resumes and
+    serves the new weights."""
+    with BuiltinServer(ServerArgs(model_path=models[0], port=0)) as other:
+        clients = servers_of(server, other)
+        sync = WeightSync(clients, TensorTransport())
+        sync.release_memory()
+        for s in (server, other):
+            assert s.api.released == {"weights", "kv_cache"}
+        with pytest.raises(Exception, match="memory is released"):
+            RolloutClient([other.url]).logprobs(SEQ)
+        rep = sync.sync(models[2].state_dict().items(), "v", resume_memory=True)
+        assert "resume_weights" in rep.timing and "resume_kv_cache" in rep.timing
+        for s in (server, other):
+            assert s.api.released == set() and s.api.memory_calls == {"release": 1, "resume": 2}
+            assert_serves(s.url, models[2])
 
 
 def test_bucket_plan_cuts_by_bytes_and_dtype():

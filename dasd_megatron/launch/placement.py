@@ -104,6 +104,23 @@ class RolloutPlacement:
             raise config_error("placement.nodes", self.nodes, f"only mode 'separate' has nodes of its own "
                                f"(mode is {self.mode!r})", "set placement.nodes=0 or placement.mode=separate")
 
+    @property
+    def colocated(self) -> bool:
+        """The servers share the trainer's GPUs: the trainer must release their memory while it trains (a recipe
+        carries this into its run config as `rollout.colocated`, which is what `dasd train` reads)."""
+        return self.mode == "colocated"
+
+    def check_rollout(self, rollout) -> None:
+        """The run config's rollout section agrees with this placement (`rollout`: a `RolloutConfig`):
+        `rollout.colocated` is what tells the trainer to release the servers' GPU memory while it trains, so it must
+        be set exactly for mode 'colocated' (unset there, servers and trainer compete for the GPUs' memory; set for
+        servers on nodes of their own, the trainer would stall them for nothing)."""
+        if rollout.colocated != self.colocated:
+            want = "true" if self.colocated else "false"
+            raise config_error("rollout.colocated", rollout.colocated,
+                               f"placement.mode={self.mode} means the servers {'do' if self.colocated else 'do not'} "
+                               "share the trainer's GPUs", f"set rollout.colocated={want}")
+
     def gpus_on_server_node(self, trainer: TrainerResources) -> int:
         return self.gpus_per_node if self.mode == "separate" else trainer.gpus_per_node
 

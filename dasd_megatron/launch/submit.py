@@ -147,7 +147,8 @@ def submit(recipe: Recipe, *, executor: str = "slurm", job: str = "train", slurm
     if executor == "slurm" and slurm is None:
         raise ConfigError("executor=slurm needs SLURM settings. Fix: pass --account (and --partition, ...)")
     recipe = absolute_run_dir(recipe)
-    check_recipe(recipe, te_available=te_available, on_cluster=executor == "slurm")  # local: paths must exist here
+    # the one preflight (dasd_megatron.preflight) at the recipe's world size, for this job; local: paths must exist here
+    check_recipe(recipe, te_available=te_available, on_cluster=executor == "slurm", job=job)
     if executor == "slurm" and slurm.container_image:
         _check_mounted(recipe.config.run_dir, slurm.container_mounts)
     het = executor == "slurm" and needs_rollout_servers(job) and recipe.placement.mode == "separate"

@@ -21,6 +21,12 @@ class TrainConfig:
     max_response_tokens: int = 1024
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch (student sequences; the teacher's are packed the same way)."""
+    updates_per_batch: int = 1
+    """PPO mini-batches: optimizer steps per rollout batch. Each DP rank's rollouts are split, in order, into this
+    many mini-batches and the policy takes one optimizer step on each. Old log-probs are the policy's before the
+    first update (a scoring pass), so from the second update on the PPO ratio moves and `loss.clip_eps_low` /
+    `loss.clip_eps_high` act. 1: on-policy, one step per batch (the ratio is 1). The paper's neighbouring recipes
+    (train batch 256, PPO mini-batch 128) use 2."""
     teacher: Literal["current", "frozen", "ema"] = "current"
     """Teacher weights: the current policy (METHOD.md default), the frozen initial policy, or an EMA of the policy."""
     ema_decay: float = 0.99
@@ -50,7 +56,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_response_tokens",
-                     "micro_batch_tokens"):
+                     "micro_batch_tokens", "updates_per_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise config_error(f"train.{name}", v, "must be an integer >= 1", "set a positive value")
@@ -185,6 +191,20 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     transport: Literal["disk", "tensor", "distributed"] = "disk"
+    """How weights reach the servers after each step: 'disk' (a safetensors folder per sync, loaded by every server),
+    'tensor' (CUDA-IPC / shared memory; servers on this host), 'distributed' (a broadcast over a weight-update
+    process group whose rank 0 is trainer rank 0 and whose other ranks are the servers' TP ranks: gloo for the
+    built-in server, which holds its weights on CPU, NCCL for SGLang)."""
+    weight_update_address: str = ""
+    """transport=distributed: the address the servers reach trainer rank 0 at (it hosts the group's TCP store).
+    Empty: 127.0.0.1 when every server URL is a loopback one (servers launched by `dasd train`), else the address of
+    this host's interface that routes to the first server."""
+    weight_update_port: int = 0
+    """transport=distributed: the TCP store's port on trainer rank 0; 0 picks a free one when the run starts."""
+    colocated: bool = False
+    """The servers share the trainer's GPUs (recipes with placement 'colocated' set it). Before each training step
+    the loop releases the servers' memory (`/release_memory_occupation`: weights and KV cache); the next weight sync
+    resumes the weights before loading the new ones and the KV cache after them."""
     request_timeout_s: float = 600.0
     seed: Optional[int] = 1234
 
@@ -199,6 +219,14 @@ class RolloutConfig:
         if self.transport not in ("disk", "tensor", "distributed"):
             raise config_error("rollout.transport", self.transport, "unknown transport",
                                "use disk, tensor or distributed")
-        if self.backend == "builtin" and self.transport == "distributed":
-            raise config_error("rollout.transport", "distributed", "the built-in server takes disk or tensor updates",
-                               "use rollout.transport=disk (or tensor when colocated)")
+        if isinstance(self.weight_update_port, bool) or not isinstance(self.weight_update_port, int) \
+                or not 0 <= self.weight_update_port <= 65535:
+            raise config_error("rollout.weight_update_port", self.weight_update_port, "must be a port in 0..65535",
+                               "use 0 to pick a free port")
+        if not isinstance(self.colocated, bool):
+            raise config_error("rollout.colocated", self.colocated, "must be true or false",
+                               "set it to whether the servers share the trainer's GPUs")
+        if self.colocated and self.backend == "sglang" and self.transport == "distributed":
+            raise config_error("rollout.transport", self.transport, "colocated SGLang servers share trainer rank 0's "
+                               "GPU, and NCCL refuses two ranks of one group on the same GPU",
+                               "use rollout.transport=tensor (CUDA IPC) for colocated servers")

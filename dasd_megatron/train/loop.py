@@ -10,8 +10,11 @@ fresh prompts drawn until the batch is full).
 Roles: every rank trains (megatron TP x PP x DP). Rank 0 also drives the rollout servers (launching the built-in
 server where SGLang is absent), scores rewards in its process pool and writes logs; the rollouts are broadcast to
 all ranks. Weights reach the servers after every step through the streaming exporter (TP/PP gathered onto rank 0)
-and the configured transport. The policy starts from the HF folder `model.hf_config` (its safetensors are imported
-into megatron's layout); a run folder with checkpoints resumes from the newest complete one.
+and the configured transport (`rollout.transport`; with 'distributed', rank 0 is rank 0 of the weight-update group
+and the servers are its other ranks). With `rollout.colocated` (servers on the trainer's GPUs), rank 0 releases the
+servers' memory before each DASD step and the weight sync after it resumes it. The policy starts from the HF
+folder `model.hf_config` (its safetensors are imported into megatron's layout); a run folder with checkpoints
+resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -40,20 +43,22 @@ from dasd_megatron.model.hf_config import load_hf_architecture
 from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
 from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
 from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
+from dasd_megatron.preflight import preflight
 from dasd_megatron.reward import RewardResult, RewardScorer
 from dasd_megatron.train.batch import Rollout
 from dasd_megatron.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from dasd_megatron.train.config import TrainConfig
-from dasd_megatron.train.dasd_step import DASDStep, check_supported
+from dasd_megatron.train.dasd_step import DASDStep
 from dasd_megatron.train.engine import build_optimizer, wrap_ddp
 from dasd_megatron.train.metrics_log import MetricsLogger, truncate_jsonl_after
 from dasd_megatron.train.teacher import TeacherWeights
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
+from sglang_rollout.process_group import free_store_port, master_address_for
 from sglang_rollout.rollout_client import ClientConfig, RolloutClient, Sample, SamplingConfig
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.weight_sync.sync import WeightSync, drain
-from sglang_rollout.weight_sync.transports import DiskTransport, TensorTransport
+from sglang_rollout.weight_sync.transports import DiskTransport, DistributedTransport, TensorTransport
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +196,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.arch = load_hf_architecture(cfg.model.hf_config)
-        cfg.validate_layout(env_world_size(), self.arch)
-        check_supported(cfg)
+        preflight(cfg, env_world_size(), arch=self.arch)  # the same checks as dasd validate / submit
         cfg = _with_local_model(cfg)
         self.cfg = cfg
         self.ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
@@ -270,9 +274,32 @@ class Trainer:
         elif r.transport == "tensor":
             transport = TensorTransport()
         else:
-            raise ConfigError("rollout.transport='distributed' is driven by the multi-node launcher; "
-                              "Fix: use disk or tensor for single-node runs")
+            transport = self._distributed_transport(urls)
         self.sync = WeightSync(clients, transport)
+        if r.transport == "distributed":
+            self.sync.connect()  # join the group now: a server that cannot join fails the run before any step
+
+    def _distributed_transport(self, urls: Sequence[str]) -> DistributedTransport:
+        """rollout.transport=distributed: the weight-update group of this process (trainer rank 0: group rank 0,
+        host of its TCP store) and every server TP rank (ranks 1.., joined over HTTP by `/init_weights_update_group`
+        when `_start_rollout` connects). Backend by where the servers hold their weights: gloo for the built-in
+        server (CPU; the buckets are copied to CPU, also from a GPU trainer), NCCL for SGLang (GPU to GPU).
+        Address and port: `rollout.weight_update_address` / `weight_update_port`, by default 127.0.0.1 for servers
+        on this host (the ones `dasd train` launches) or this host's address towards them, and a free port.
+        A server that `ServerManager` restarts is not in the group (nor, colocated, released): the next sync to it
+        fails with `WeightSyncError` and the run ends (`close` destroys the group on every server that answers)."""
+        r = self.cfg.rollout
+        backend = "gloo" if r.backend == "builtin" else "nccl"
+        address = r.weight_update_address or master_address_for(urls)
+        port = r.weight_update_port or free_store_port()
+        if backend == "nccl" and os.environ.get("NCCL_CUMEM_ENABLE") != "0":
+            log.warning("rollout.transport=distributed over NCCL: SGLang runs with NCCL_CUMEM_ENABLE=0 and this "
+                        "process has %r; the group spans both, so export NCCL_CUMEM_ENABLE=0 for the trainer "
+                        "(`dasd submit` does)", os.environ.get("NCCL_CUMEM_ENABLE"))
+        log.info("weight-update group: %s at %s:%d, %d server(s) of TP %d", backend, address, port, len(urls),
+                 r.server_tp)
+        return DistributedTransport(master_address=address, master_port=port, backend=backend,
+                                    tp_sizes=[r.server_tp] * len(urls), timeout_s=r.request_timeout_s)
 
     def _server_env(self) -> tuple:
         """The built-in (CPU) server generates while the trainers wait: let it use every core, not the one thread
@@ -355,11 +382,27 @@ class Trainer:
         mine = list(range(len(rollouts)))[self.ctx.dp_rank::self.ctx.dp]
         return self.step_fn.run([rollouts[i] for i in mine], mine, adv, step=self.step)
 
-    def sync_weights(self) -> dict:
-        """All ranks iterate the exporter (it gathers TP/PP shards); rank 0 sends the buckets to the servers."""
+    def release_rollout_memory(self) -> dict:
+        """Rank 0, colocated servers (`rollout.colocated`): release the servers' weights and KV cache
+        (`WeightSync.release_memory`; they are idle: every rollout of the step has come back) before the DASD step
+        trains on the same GPUs. The `sync_weights(resume_memory=True)` after the step resumes them."""
+        if not self.cfg.rollout.colocated:
+            return {}
+        t0 = time.perf_counter()
+        self.sync.release_memory()
+        return {"timing/release_memory_s": time.perf_counter() - t0}
+
+    def sync_weights(self, resume_memory: bool = False) -> dict:
+        """All ranks iterate the exporter (it gathers TP/PP shards); rank 0 sends the buckets to the servers.
+        `resume_memory` (after `release_rollout_memory`): on GPUs every rank first hands its cached free memory
+        back to the driver and waits for the others, then rank 0's sync resumes the servers' weights, loads the new
+        ones and resumes their KV cache (`WeightSync.sync`)."""
+        if resume_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            dist.barrier()
         buckets = iter_hf_weight_buckets(self.model, self.arch)
         if self.ctx.is_logging_rank:
-            report = self.sync.sync(buckets, version=f"step{self.step}")
+            report = self.sync.sync(buckets, version=f"step{self.step}", resume_memory=resume_memory)
             return report.metrics()
         drain(buckets)
         return {}
@@ -463,6 +506,7 @@ class Trainer:
             metrics.update(collect_stats)
             metrics["timing/rollout_s"] = t1 - t0 - collect_stats["timing/reward_s"]
             payload = (rollouts, self.prompts.state_dict())
+            metrics.update(self.release_rollout_memory())  # before any rank starts training on the GPUs
         rollouts, prompt_state = _broadcast_object(payload)
         # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
         if not self.ctx.is_logging_rank:
@@ -473,7 +517,7 @@ class Trainer:
         metrics["timing/train_s"] = time.perf_counter() - t2
         self.step += 1
         t3 = time.perf_counter()
-        metrics.update(self.sync_weights())
+        metrics.update(self.sync_weights(resume_memory=cfg.rollout.colocated))
         metrics["timing/sync_s"] = time.perf_counter() - t3
         if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
                                         or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
@@ -498,12 +542,20 @@ class Trainer:
         return next((o for o in outs if "loss/dasd" in o), out)
 
     def close(self) -> None:
-        if self.scorer is not None:
-            self.scorer.close()
-        if self.servers is not None:
-            self.servers.stop()
-        if self.logger is not None:
-            self.logger.close()
+        """End of the run, or its error: close the weight sync (the weight-update group: servers' end over HTTP,
+        bounded by `DistributedTransport.close_timeout_s`, then ours), the reward pool, the servers, the log, the
+        parallel state. Every part is closed even when an earlier one fails (logged: the run's own error, if
+        any, is the one raised)."""
+        parts = (("weight sync", self.sync, "close"), ("reward scorer", self.scorer, "close"),
+                 ("rollout servers", self.servers, "stop"), ("metrics log", self.logger, "close"))
+        for what, obj, method in parts:
+            if obj is None:
+                continue
+            try:
+                getattr(obj, method)()
+            except Exception:  # noqa: BLE001 - keep closing the rest
+                log.exception("closing the %s failed", what)
+        self.sync = self.scorer = self.servers = self.logger = None
         destroy_parallel()
 
 

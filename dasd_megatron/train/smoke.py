@@ -23,6 +23,7 @@ from dasd_megatron.model.builder import build_model, layout_summary
 from dasd_megatron.model.hf_config import load_hf_architecture
 from dasd_megatron.parallel import ParallelContext, destroy_parallel, env_world_size, initialize_parallel
 from dasd_megatron.parallel_layout import ZigZagLayout
+from dasd_megatron.preflight import preflight
 from dasd_megatron.train.config import OptimConfig
 from dasd_megatron.train.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp
 
@@ -83,7 +84,7 @@ def run_smoke(cfg: RunConfig, *, steps: int = 8, micro_batches: int = 2, lr: flo
     ranks off the last pipeline stage). Writes `run_dir/config.json`."""
     world = env_world_size()
     arch = load_hf_architecture(cfg.model.hf_config)
-    cfg.validate_layout(world, arch)
+    preflight(cfg, world, job="smoke", arch=arch)  # the checks `dasd smoke` made before torchrun started
     ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
     console = Console(stderr=True, quiet=not ctx.is_logging_rank)
     console.print(f"[bold]layout[/bold] {layout_summary(cfg, arch, world)}")

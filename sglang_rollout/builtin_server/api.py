@@ -4,6 +4,15 @@ Each handler takes the parsed JSON body (and query) and returns a `Reply(status,
 HTTP. Request bodies are checked against `sglang_rollout.contract` first (400 `{"error": ...}` as SGLang does).
 What the built-in server cannot do (text prompts: it has no tokenizer; streaming; top-logprobs; LoRA; ...) is a
 400 that names the field, never a silent approximation.
+
+Memory release/resume (`/release_memory_occupation`, `/resume_memory_occupation`): on CPU there is nothing to free,
+but the server keeps SGLang's bookkeeping and its rules, so a trainer's choreography that would break a real
+colocated SGLang server breaks here too. As SGLang's scheduler: release needs an idle server (it asserts
+`is_fully_idle`), `tags` null or empty means every type (`MEMORY_TAGS`), and resuming a tag that is not released
+fails (SGLang removes it from its `offload_tags` set: a KeyError). Beyond SGLang, which would touch unmapped memory:
+while any tag is released `/generate` is refused (400), and while "weights" is released a weight update is refused
+(after the distributed broadcast was received, so the trainer never hangs). Every call is logged (INFO) and counted
+in `/server_info` (`memory_released`, `memory_calls`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from sglang_rollout.process_group import destroy_weights_update_group, init_weig
 from sglang_rollout.tensor_payload import PayloadError, deserialize_named_tensors, unflatten_bucket
 
 log = logging.getLogger(__name__)
+
+#: SGLang's memory types (`sglang.srt.constants.GPU_MEMORY_ALL_TYPES`): what `tags: null` releases or resumes
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 
 
 @dataclass
@@ -57,6 +69,10 @@ class Api:
         self._groups: dict[str, Any] = {}
         self._update_lock = threading.Lock()
         self.started = time.time()
+        #: memory types released and not yet resumed, and how many release / resume calls succeeded
+        self.released: set[str] = set()
+        self.memory_calls = {"release": 0, "resume": 0}
+        self._memory_lock = threading.Lock()
 
     def load(self) -> None:
         self.runner = ModelRunner(self.args.model_path, self.args.dtype)
@@ -80,6 +96,8 @@ class Api:
     def health_generate(self, body, query) -> Reply:
         if not self.ready:
             return Reply(503, "starting", text=True)
+        if self.released:
+            return Reply(503, f"memory released ({', '.join(sorted(self.released))})", text=True)
         seq = self._sequence("health", [0], SamplingSpec(max_new_tokens=1, temperature=0.0), False, -1)
         self.scheduler.submit([seq])
         try:
@@ -110,7 +128,9 @@ class Api:
     def server_info(self, body, query) -> Reply:
         info = {k: v for k, v in vars(self.args).items() if k != "api_key"}
         return Reply(200, {**info, "startup_time": self.started, "version": "builtin", "frontend": "python",
-                           "internal_states": [dict(self.scheduler.stats)], "weight_version": self.weight_version})
+                           "internal_states": [dict(self.scheduler.stats)], "weight_version": self.weight_version,
+                           "memory_released": sorted(self.released), "memory_calls": dict(self.memory_calls),
+                           "weight_update_groups": sorted(self._groups)})
 
     # ---- generate ------------------------------------------------------------------------------------------
 
@@ -131,6 +151,9 @@ class Api:
                          ("token_ids_logprob", "token_ids_logprob is not supported by the built-in server")):
             if body.get(key) is not None:
                 raise ContractError(f"{key}: {why}")
+        if self.released:
+            raise ContractError(f"generate while memory is released ({', '.join(sorted(self.released))}): call "
+                                "/resume_memory_occupation first")
         if body.get("stream"):
             raise ContractError("stream=true is not supported by the built-in server")
         if any(_as_list(body.get("top_logprobs_num"))):
@@ -225,9 +248,43 @@ class Api:
         return Reply(200, None)
 
     def release_memory_occupation(self, body, query) -> Reply:
-        return Reply(200, None)  # CPU: nothing to release (SGLang's handler also returns null)
+        """Nothing to free on CPU; SGLang's bookkeeping and rules (module docstring). 200 null, as SGLang."""
+        tags = self._memory_tags(body)
+        with self._memory_lock:
+            if self.scheduler.busy():
+                return _err(400, "release_memory_occupation should be called only when server is idle.")
+            again = sorted(set(tags) & self.released)
+            if again:
+                return _err(400, f"release_memory_occupation: {again} already released")
+            self.released |= set(tags)
+            self.memory_calls["release"] += 1
+        log.info("release_memory_occupation tags=%s: released %s", body.get("tags"), sorted(self.released))
+        return Reply(200, None)
 
-    resume_memory_occupation = release_memory_occupation
+    def resume_memory_occupation(self, body, query) -> Reply:
+        tags = self._memory_tags(body)
+        with self._memory_lock:
+            missing = sorted(set(tags) - self.released)
+            if missing:  # SGLang: offload_tags.remove(tag) raises KeyError
+                return _err(400, f"resume_memory_occupation: {missing} not released")
+            self.released -= set(tags)
+            self.memory_calls["resume"] += 1
+        log.info("resume_memory_occupation tags=%s: released %s", body.get("tags"), sorted(self.released))
+        return Reply(200, None)
+
+    @staticmethod
+    def _memory_tags(body) -> tuple[str, ...]:
+        tags = body.get("tags")
+        if not tags:
+            return MEMORY_TAGS
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            raise ContractError(f"tags: unknown memory type(s) {unknown}; expected some of {list(MEMORY_TAGS)}")
+        return tuple(tags)
+
+    def _require_weights_resident(self) -> None:
+        if "weights" in self.released:
+            raise ValueError("the weights are released (/release_memory_occupation): resume them first")
 
     # ---- weights -------------------------------------------------------------------------------------------
 
@@ -247,13 +304,17 @@ class Api:
             return _update_reply(True, "Succeeded to update model weights.", num_paused_requests=0)
 
     def update_weights_from_disk(self, body, query) -> Reply:
-        return self._apply(body, lambda: self.runner.load_from_disk(body["model_path"], body.get("load_format")),
-                           f"update_weights_from_disk({body['model_path']})")
+        def load():
+            self._require_weights_resident()
+            return self.runner.load_from_disk(body["model_path"], body.get("load_format"))
+
+        return self._apply(body, load, f"update_weights_from_disk({body['model_path']})")
 
     def update_weights_from_tensor(self, body, query) -> Reply:
         payloads = body["serialized_named_tensors"]
 
         def load():
+            self._require_weights_resident()
             if not payloads:
                 raise PayloadError("serialized_named_tensors is empty (one entry per TP rank expected)")
             named = deserialize_named_tensors(payloads[0], body.get("load_format"))  # TP rank 0: the only rank
@@ -272,6 +333,8 @@ class Api:
                 backend=body.get("backend") or "nccl", timeout_s=self.args.dist_timeout_s)
         except Exception as e:  # noqa: BLE001 - reported to the caller
             return _update_reply(False, f"Failed to init process group {name!r}: {type(e).__name__}: {e}")
+        log.info("init_weights_update_group %r: rank %d of %d via %s at %s:%s", name, body["rank_offset"],
+                 body["world_size"], body.get("backend") or "nccl", body["master_address"], body["master_port"])
         return _update_reply(True, "Succeeded to initialize custom process group.")
 
     def update_weights_from_distributed(self, body, query) -> Reply:
@@ -299,6 +362,7 @@ class Api:
                 for w in works:
                     w.wait()
                 named = list(zip(names, tensors))
+            self._require_weights_resident()  # after the broadcast: the trainer must not wait for a receiver
             return self.runner.load_weights(named)
 
         return self._apply(body, load, "update_weights_from_distributed")
@@ -309,6 +373,7 @@ class Api:
         if pg is None:
             return _update_reply(False, f"no process group {name!r}")
         destroy_weights_update_group(pg)
+        log.info("destroy_weights_update_group %r", name)
         return _update_reply(True, "Succeeded to destroy custom process group.")
 
     def update_weight_version(self, body, query) -> Reply:

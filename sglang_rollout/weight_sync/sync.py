@@ -16,7 +16,9 @@ A failed sync raises `WeightSyncError` and leaves the servers paused: their weig
 must not serve until a sync succeeds.
 
 Colocated memory choreography (`release_memory`/`resume_memory`): release weights and KV cache before training;
-`sync(..., resume_memory=True)` resumes the weights first, updates, then resumes the KV cache.
+`sync(..., resume_memory=True)` resumes the weights first, updates, then resumes the KV cache. `release_memory()`
+releases exactly those two types (`COLOCATED_MEMORY_TAGS`), not SGLang's `tags: null` (every type, CUDA graphs
+included), because a resume must name only released types: SGLang fails on resuming one that is not released.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from sglang_rollout.weight_sync.transports import Transport, call_all
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WeightSync", "SyncReport", "WeightSyncError", "drain"]
+__all__ = ["WeightSync", "SyncReport", "WeightSyncError", "drain", "COLOCATED_MEMORY_TAGS"]
+
+#: what `WeightSync.release_memory()` releases and `sync(..., resume_memory=True)` resumes (weights, then KV cache)
+COLOCATED_MEMORY_TAGS = ("weights", "kv_cache")
 
 
 class WeightSyncError(RuntimeError):
@@ -85,8 +90,9 @@ class WeightSync:
 
     # ---- memory --------------------------------------------------------------------------------------------
 
-    def release_memory(self, tags: Optional[Sequence[str]] = None) -> None:
-        """Free the servers' GPU memory (weights and/or KV cache) before training on the same GPUs."""
+    def release_memory(self, tags: Optional[Sequence[str]] = COLOCATED_MEMORY_TAGS) -> None:
+        """Free the servers' GPU memory (by default weights and KV cache: what `sync(..., resume_memory=True)`
+        resumes) before training on the same GPUs. The servers must be idle."""
         call_all(self.servers, lambda s: s.release_memory_occupation(tags))
 
     def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
@@ -100,9 +106,10 @@ class WeightSync:
             self._connected = True
 
     def close(self) -> None:
-        if self._connected:
-            self.transport.close(self.servers)
-            self._connected = False
+        """Release what the transport set up (the weight-update group); safe to call twice, and after a connect
+        that failed half-way."""
+        self._connected = False
+        self.transport.close(self.servers)
 
     def _flush(self) -> None:
         deadline = time.monotonic() + self.flush_timeout_s

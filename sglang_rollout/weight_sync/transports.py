@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
@@ -112,6 +113,9 @@ class DistributedTransport(Transport):
         self.flattened = flattened
         self.timeout_s = timeout_s
         self.device = device or torch.device("cuda" if backend == "nccl" else "cpu")
+        #: bound on each server's `/destroy_weights_update_group` answer when closing (a run that ends on an error
+        #: must not wait long for a server that is itself stuck)
+        self.close_timeout_s = min(timeout_s, 30.0)
         self.group = None
 
     def connect(self, servers):
@@ -133,16 +137,35 @@ class DistributedTransport(Transport):
         threads = [threading.Thread(target=join_server, args=(i,), daemon=True) for i in range(len(servers))]
         for t in threads:
             t.start()
-        try:
-            self.group = init_weights_update_group(
-                master_address=self.master_address, master_port=self.master_port, rank=0, world_size=world,
-                group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)
-        finally:
-            for t in threads:
-                t.join(self.timeout_s)
+        # Rank 0 joins on a thread of its own too, so that a server that refuses to join (an HTTP error) fails the
+        # connect at once instead of after `timeout_s` of waiting for a rank that will never come.
+        hosted: dict = {}
+
+        def host():
+            try:
+                hosted["group"] = init_weights_update_group(
+                    master_address=self.master_address, master_port=self.master_port, rank=0, world_size=world,
+                    group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                hosted["error"] = e
+
+        rank0 = threading.Thread(target=host, daemon=True, name="weight-update-group")
+        rank0.start()
+        deadline = time.monotonic() + self.timeout_s + 10.0
+        while rank0.is_alive() and not errors and time.monotonic() < deadline:
+            rank0.join(0.05)
+        if rank0.is_alive():  # a server failed (or nobody answered): the rendezvous thread ends at its timeout
+            raise errors[0] if errors else TimeoutError(
+                f"weight-update group {self.group_name!r}: rank 0 did not join within {self.timeout_s}s")
+        for t in threads:
+            t.join(self.timeout_s)
+        if "error" in hosted:
+            raise errors[0] if errors else hosted["error"]
+        self.group = hosted["group"]
         if errors:
             raise errors[0]
-        log.info("weight-update group %r: world %d (trainer + %d server ranks)", self.group_name, world, world - 1)
+        log.info("weight-update group %r: world %d (trainer + %d server ranks) at %s:%d via %s", self.group_name,
+                 world, world - 1, self.master_address, self.master_port, self.backend)
 
     def send(self, servers, bucket, *, last, version):
         import torch.distributed as dist
@@ -184,7 +207,8 @@ class DistributedTransport(Transport):
         from sglang_rollout.process_group import destroy_weights_update_group
 
         try:
-            call_all(servers, lambda s: s.destroy_weights_update_group(self.group_name))
+            call_all(servers, lambda s: s.destroy_weights_update_group(self.group_name,
+                                                                        timeout_s=self.close_timeout_s))
         finally:
             destroy_weights_update_group(self.group)
             self.group = None
