@@ -1,4 +1,10 @@
-"""CPU recipes on a tiny Qwen3-shaped model: the main job anyone can run on a laptop-class machine."""
+"""CPU recipes on a tiny Qwen3-shaped model, for `dasd submit --job smoke` on any machine.
+
+The model is a config only (`recipes/hf_configs/tiny-qwen3`: random weights, no tokenizer), so these recipes run
+the smoke job (a few LM steps at the recipe's layout, through the same launcher); the trainer needs a model with
+weights and a tokenizer, and the preflight refuses them as train jobs (`dasd_megatron/preflight.py`). The trainable
+CPU recipes are `smollm2_135m_*_cpu`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from recipes.registry import register
 
 
 def tiny_qwen3_cpu(method: str = "dasd") -> Recipe:
-    """Tiny Qwen3 (4 layers, hidden 64, vocabulary 1024, random weights) trained with `method` on one CPU node.
+    """Tiny Qwen3 (4 layers, hidden 64, vocabulary 1024, random weights), `method`'s config, smoke job on one CPU node.
 
     Two trainer processes at tensor parallel 2 (gloo), fp32, torch SDPA attention, the built-in rollout server.
     Batch sizes and lengths are chosen for a run of a few seconds per step on 2 cores, not for learning anything:

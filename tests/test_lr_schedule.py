@@ -134,9 +134,9 @@ def test_decay_over_train_steps_must_end_after_warmup():
     bad = apply_overrides(RunConfig(), ["optim.lr_schedule=cosine", "optim.warmup_steps=5", "train.steps=5"])
     with pytest.raises(ConfigError, match=r"^train.steps=5: optim.lr_schedule=cosine decays after "
                                           r"optim.warmup_steps=5.*Fix: make it larger than 5"):
-        check_supported(bad)
-    check_supported(apply_overrides(bad, ["train.steps=6"]))
-    check_supported(apply_overrides(bad, ["optim.lr_schedule=constant"]))  # no decay: any length is fine
+        check_supported(bad, 1)
+    check_supported(apply_overrides(bad, ["train.steps=6"]), 1)
+    check_supported(apply_overrides(bad, ["optim.lr_schedule=constant"]), 1)  # no decay: any length is fine
 
 
 def test_overrides_parse_the_schedule():

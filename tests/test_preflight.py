@@ -5,7 +5,6 @@ trainer's own message, in one line, exit status 2. Every registered recipe passe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,29 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from dasd_megatron.config import ConfigError, RunConfig, apply_overrides
+from dasd_megatron.config import ConfigError
 from dasd_megatron.launch.checks import resolve_recipe
 from dasd_megatron.model.hf_config import tiny_config
 from dasd_megatron.preflight import check_model_files, preflight
 from dasd_megatron.train.dasd_step import check_supported
 from recipes import get_recipe, list_recipes
 from recipes.models import TINY_QWEN3
+import test_preflight_paths
+from test_preflight_paths import ENV, cfg
 
 ROOT = Path(__file__).parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-ROW = json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2 #### 2"})
+data = test_preflight_paths.data  # the fixture: a one-row training file
 NO_WEIGHTS = r"model.hf_config='.*': the folder has a config.json but no weights.*Fix: .*`dasd smoke`"
-
-
-def cfg(*overrides: str) -> RunConfig:
-    return apply_overrides(RunConfig(), [f"model.hf_config={TINY_QWEN3}", *overrides])
-
-
-@pytest.fixture
-def data(tmp_path) -> Path:
-    f = tmp_path / "train.jsonl"
-    f.write_text(ROW + "\n")
-    return f
 
 
 @pytest.fixture

@@ -26,22 +26,11 @@ from sglang_rollout.testing import free_port
 
 from fake_sglang import make_fake_sglang
 from hf_fixtures import tiny_train_cmd
+from proc_marks import alive, marked_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "DASD_NO_ORPHANS_TEST"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
-
-
-def _state(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    return _state(pid) not in (None, "Z", "X")
 
 
 def _children(pid: int) -> list[int]:
@@ -59,22 +48,7 @@ def _children(pid: int) -> list[int]:
 
 def _marked(marker: str) -> dict[int, str]:
     """pid -> command line of every live process whose environment carries the marker."""
-    tag = f"{MARK}={marker}".encode()
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if tag not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if _alive(int(d)):
-            out[int(d)] = cmd
-    return out
+    return marked_processes(MARK, marker)
 
 
 def _wait_until(cond, timeout: float, poll: float = 0.1) -> bool:
@@ -111,12 +85,12 @@ def test_wrapper_stops_its_command_when_its_parent_is_killed():
     try:
         assert _wait_until(lambda: _children(wrapper), 30)
         child = _children(wrapper)[0]
-        assert _alive(child) and _alive(bare)
+        assert alive(child) and alive(bare)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
-        assert _wait_until(lambda: not _alive(child) and not _alive(wrapper), 10), "the wrapped command outlived"
+        assert _wait_until(lambda: not alive(child) and not alive(wrapper), 10), "the wrapped command outlived"
         time.sleep(1.0)
-        assert _alive(bare)  # control: without the wrapper the command is orphaned (what the wrapper prevents)
+        assert alive(bare)  # control: without the wrapper the command is orphaned (what the wrapper prevents)
     finally:
         _kill_all([bare, wrapper] + _children(wrapper))
 
@@ -126,7 +100,7 @@ def test_wrapper_forwards_signals_passes_the_status_and_dies_with_its_command():
     assert _wait_until(lambda: _children(w.pid), 30)
     child = _children(w.pid)[0]
     w.send_signal(signal.SIGTERM)
-    assert w.wait(timeout=15) == 128 + signal.SIGTERM and _wait_until(lambda: not _alive(child), 5)
+    assert w.wait(timeout=15) == 128 + signal.SIGTERM and _wait_until(lambda: not alive(child), 5)
 
     w = subprocess.Popen([sys.executable, "-m", "sglang_rollout.supervise", "--", sys.executable, "-c",
                           "import sys; sys.exit(3)"])
@@ -138,7 +112,7 @@ def test_wrapper_forwards_signals_passes_the_status_and_dies_with_its_command():
     w.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel's parent-death signal takes the command down
     w.wait(timeout=10)
     try:
-        assert _wait_until(lambda: not _alive(child), 10), "the command outlived its SIGKILLed wrapper"
+        assert _wait_until(lambda: not alive(child), 10), "the command outlived its SIGKILLed wrapper"
     finally:
         _kill_all([child])
 
@@ -169,10 +143,10 @@ def test_sglang_server_goes_when_its_manager_is_killed(tmp_path):
         assert mgr.stdout.readline().strip() == "up"
         info = json.load(open(out))
         pids = [info["pid"], info["helper_pid"]]  # SGLang's main process and a child of its own
-        assert all(_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         mgr.send_signal(signal.SIGKILL)
         mgr.wait(timeout=10)
-        assert _wait_until(lambda: not any(_alive(p) for p in pids), 15), "SGLang outlived its killed manager"
+        assert _wait_until(lambda: not any(alive(p) for p in pids), 15), "SGLang outlived its killed manager"
     finally:
         if mgr.poll() is None:
             mgr.kill()

@@ -33,6 +33,7 @@ import pytest
 
 from dasd_megatron.testing.distributed import free_port
 from hf_fixtures import make_tiny_hf, tiny_train_cmd
+from proc_marks import marked_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -43,24 +44,8 @@ EVENT = re.compile(r"(release_memory_occupation|resume_memory_occupation) tags=(
 
 
 def _marked(marker: str) -> dict[int, str]:
-    """pid -> command line of every live process whose environment carries the marker (children inherit it)."""
-    tag = f"{MARK}={marker}".encode()
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if tag not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{d}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    continue
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                out[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-    return out
+    """pid -> command line of every live process whose environment carries the marker."""
+    return marked_processes(MARK, marker)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,21 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _killed_and_resumed(cmd: list[str], run_dir: str) -> None:
+    """Start `cmd`, SIGKILL its whole process group (trainer ranks, torchrun and the rollout server alike) once its
+    second checkpoint exists, then run it again to the end (it resumes from that checkpoint)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    marker = os.path.join(run_dir, "checkpoints", "step_00000002")
+    t0 = time.time()
+    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert os.path.exists(marker), "the run never reached its second checkpoint"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def test_train_tp2_end_to_end(assets):
     root, model, data = assets
     run = str(root / "run")
@@ -69,17 +84,7 @@ def test_killed_run_resumes_and_reproduces(assets):
     full, killed = str(root / "full"), str(root / "killed")
     r = subprocess.run(_cmd(model, data, full, 3), capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
-    p = subprocess.Popen(_cmd(model, data, killed, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=ENV, start_new_session=True)
-    marker = os.path.join(killed, "checkpoints", "step_00000002")
-    t0 = time.time()
-    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # trainer ranks, torchrun and the rollout server alike
-    p.wait(timeout=60)
-    assert os.path.exists(marker), "the run never reached its second checkpoint"
-    r = subprocess.run(_cmd(model, data, killed, 3), capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _killed_and_resumed(_cmd(model, data, killed, 3), killed)
     a, b = _metrics(full), _metrics(killed)
     assert [x["step"] for x in b] == [1, 2, 3]  # no step lost, none duplicated
     keys = ["loss/dasd", "rollout/reward_mean", "grad_norm", "loss/kl", "router/omega_mean"]
@@ -112,17 +117,7 @@ def test_ema_teacher_dynamic_sampling_eval_and_resume(assets):
         samples = [json.loads(line) for line in f]
     assert [s["step"] for s in samples] == [1, 2, 3] and all(len(s["responses"]) == 2 for s in samples)
 
-    p = subprocess.Popen(_cmd(model, data, killed, 3) + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=ENV, start_new_session=True)
-    marker = os.path.join(killed, "checkpoints", "step_00000002")
-    t0 = time.time()
-    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=60)
-    assert os.path.exists(marker), "the run never reached its second checkpoint"
-    r = subprocess.run(_cmd(model, data, killed, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _killed_and_resumed(_cmd(model, data, killed, 3) + extra, killed)
     b = _metrics(killed)
     assert [x["step"] for x in b] == [0, 1, 2, 3]
     for x, y in zip(m, b):
@@ -150,17 +145,7 @@ def test_context_parallel_run_with_two_updates_syncs_and_resumes(assets):
     for x in a[1:]:  # sync invariant (see test_train_tp2_end_to_end)
         assert x["rollout/logp_mismatch_abs"] < 1e-4, x["rollout/logp_mismatch_abs"]
 
-    p = subprocess.Popen(_cmd(model, data, killed, 3) + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=ENV, start_new_session=True)
-    marker = os.path.join(killed, "checkpoints", "step_00000002")
-    t0 = time.time()
-    while not os.path.exists(marker) and p.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=60)
-    assert os.path.exists(marker), "the run never reached its second checkpoint"
-    r = subprocess.run(_cmd(model, data, killed, 3) + extra, capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _killed_and_resumed(_cmd(model, data, killed, 3) + extra, killed)
     b = _metrics(killed)
     assert [x["step"] for x in b] == [1, 2, 3]
     for x, y in zip(a, b):
