@@ -1,8 +1,9 @@
 """One DASD training step (packing, teacher forward, routed loss through megatron's schedule, optimizer) on synthetic
 rollouts: seconds per step and trained tokens/s, for the `full` and `sampled` estimators, each as the single pass
 `run` does at PP=1 (`train_single_pass`) and as the two-pass baseline (`score` over student and teacher first, then
-`train_after_scoring`, as at PP>1; `DASDStep.score_first`), all in the same run; the ratios show what the single
-pass saves and what the full-vocabulary KL costs.
+`train_after_scoring`; `DASDStep.score_first`), and the `sampled` estimator with two PPO updates per batch
+(`train.updates_per_batch=2`: the scoring pass plus two optimizer steps), all in the same run; the ratios show what
+the single pass saves, what the full-vocabulary KL costs and what a second update per batch costs.
 
     python bench/dasd_step.py                      # GPU: Qwen3-0.6B shape, 64 rollouts of 256 + 768 tokens
     python bench/dasd_step.py --tiny               # CPU smoke
@@ -74,32 +75,32 @@ def main(argv=None) -> dict:
     adv = grpo_advantages(torch.tensor([r.reward for r in rollouts]), torch.tensor([r.group for r in rollouts]))
     ctx = initialize_parallel(base.parallel)
     results = {}
-    for est in ("full", "sampled"):
-        for single in (True, False):
-            name = f"{est}/{'single_pass' if single else 'two_pass'}"
-            cfg = apply_overrides(base, [f"loss.estimator={est}"])
-            ddp = wrap_ddp(build_model(cfg, arch))
-            step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
-            step.score_first = not single
+    variants = [(est, single, 1) for est in ("full", "sampled") for single in (True, False)] + [("sampled", False, 2)]
+    for est, single, updates in variants:
+        name = f"{est}/{'single_pass' if single else 'two_pass'}" + ("" if updates == 1 else "_two_updates")
+        cfg = apply_overrides(base, [f"loss.estimator={est}", f"train.updates_per_batch={updates}"])
+        ddp = wrap_ddp(build_model(cfg, arch))
+        step = DASDStep(ddp, build_optimizer(ddp, cfg.optim), cfg, arch, ctx)
+        step.score_first = None if updates > 1 else not single
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps + 1):
             if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.steps + 1):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = step.run(rollouts, list(range(len(rollouts))), adv)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            dt = sum(times[1:]) / len(times[1:])  # first step compiles / warms up
-            n_tok = sum(len(r.response_ids) for r in rollouts)
-            results[name] = {"step_s": dt, "response_tokens_per_s": n_tok / dt, "loss": out["loss/dasd"],
-                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-                             else 0}
-            print(f"{name:>20}: {dt:.3f} s/step, {n_tok / dt:,.0f} response tokens/s, loss {out['loss/dasd']:.5f}",
-                  flush=True)
-            del ddp, step
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step.run(rollouts, list(range(len(rollouts))), adv)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        dt = sum(times[1:]) / len(times[1:])  # first step compiles / warms up
+        n_tok = sum(len(r.response_ids) for r in rollouts)
+        results[name] = {"step_s": dt, "response_tokens_per_s": n_tok / dt, "loss": out["loss/dasd"],
+                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                         else 0}
+        print(f"{name:>20}: {dt:.3f} s/step, {n_tok / dt:,.0f} response tokens/s, loss {out['loss/dasd']:.5f}",
+              flush=True)
+        del ddp, step
     destroy_parallel()
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "rollouts": args.rollouts, "results": results,
@@ -107,7 +108,9 @@ def main(argv=None) -> dict:
                "single_pass_speedup_sampled": (results["sampled/two_pass"]["step_s"]
                                                / results["sampled/single_pass"]["step_s"]),
                "full_vs_sampled_time_ratio": (results["full/single_pass"]["step_s"]
-                                              / results["sampled/single_pass"]["step_s"])}
+                                              / results["sampled/single_pass"]["step_s"]),
+               "two_updates_vs_one_time_ratio_sampled": (results["sampled/two_pass_two_updates"]["step_s"]
+                                                         / results["sampled/single_pass"]["step_s"])}
     print("RESULT " + json.dumps(summary), flush=True)
     return summary
 
