@@ -29,8 +29,9 @@ checked for weights (offline, nothing can be: the trainer downloads it, finds it
 packaged offline copy, `model.pretrained`). `dasd validate` checks the weights of a model it is given, not of the
 tiny config it writes when `model.hf_config` is empty (a layout check).
 
-Two launch-only checks stay in `launch.checks.check_recipe`, because the trainer itself does not make them: the
-rollout placement against the nodes, and the recipe's lengths against `model.seq_length` and the model's context.
+Launch-only checks stay in `launch.checks.check_recipe`, because the trainer itself does not make them: the rollout
+placement against the nodes and against `rollout.colocated`, and the recipe's lengths against `model.seq_length` and
+the model's context.
 
 `check_paths(cfg)` is the preflight of a run's input paths: `data.source`, `train.eval_source` (when
 `train.eval_interval > 0`) and `model.hf_config`. A value that looks like a local path (starts with `/`, `.` or `~`,

@@ -2,8 +2,9 @@
 
 `resolve_recipe(name, overrides)` builds and overrides a recipe; `check_recipe(recipe, job=...)` runs the one
 preflight (`dasd_megatron.preflight.preflight`: model, layout, the trainer's rules, paths, weights) at the recipe's
-own world size, then the two launch-only checks (the rollout placement against the nodes; the lengths against
-`model.seq_length` and the model's context). Both raise `ConfigError` with the field, the rule and the fix.
+own world size, then the launch-only checks (the rollout placement against the nodes and against
+`rollout.colocated`; the lengths against `model.seq_length` and the model's context). Both raise `ConfigError` with
+the field, the rule and the fix.
 
 `dasd submit` runs on a host whose file system may not be the job's: with `on_cluster=True` a missing absolute path
 whose parent folder does not exist here either is only warned about (see `dasd_megatron.preflight`).
