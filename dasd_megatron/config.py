@@ -46,8 +46,14 @@ class ModelConfig:
     'local' (megatron's own DotProductAttention; slow, for comparison). 'auto' = te if it imports, else sdpa."""
     init_method_std: float = 0.02
     seed: int = 1234
+    fused_kernels: Literal["auto", "torch", "triton"] = "auto"
+    """RMSNorm, SwiGLU and packed RoPE of the sdpa/local layer spec: 'triton' (`dasd_megatron/kernels`, one fused
+    kernel each, forward and backward), 'torch' (unfused torch ops, megatron's arithmetic). 'auto' = triton on a CUDA
+    device where Triton imports, else torch. The TE spec has its own fused modules."""
 
     def __post_init__(self) -> None:
+        if self.fused_kernels not in ("auto", "torch", "triton"):
+            raise config_error("model.fused_kernels", self.fused_kernels, "unknown choice", "use auto, torch or triton")
         if self.seq_length < 1:
             raise config_error("model.seq_length", self.seq_length, "must be >= 1", "set a positive token count")
         if self.make_vocab_size_divisible_by < 1:

@@ -362,21 +362,28 @@ def _cp_thd_local_rows(rank, cp, cu_pad):
     return torch.cat(rows)
 
 
-def _cp_thd_worker(rank, world_size, seed):
+def _cp_thd_worker(rank, world_size, seed, registered=False):
     g = torch.Generator().manual_seed(seed)
     cu, cu_pad, q, k, v = _pack(CP_LENS, CP_PAD, gen=g)
     dout = rand(q.size(0), NP * HN, gen=g)
     rows = _cp_thd_local_rows(rank, world_size, cu_pad)
     attn = make_attn(cp=world_size, cp_group=dist.group.WORLD)
     psp = _psp(cu, cu_pad)  # global cu_seqlens, as megatron/TE pass them under CP
+    if registered:  # the trainer's packs: host-side layout, batched attention (model/packed.py)
+        from dasd_megatron.model import packed
+
+        psp = packed.packed_seq_params(cu_seqlens=psp.cu_seqlens_q, cu_seqlens_padded=psp.cu_seqlens_q_padded,
+                                       max_seqlen=psp.max_seqlen_q, host_cu=cu, host_cu_pad=cu_pad,
+                                       position_ids=torch.zeros(len(rows), dtype=torch.long), cp=world_size)
     return run_with_grads(
         lambda q, k, v: attn(q, k, v, None, packed_seq_params=psp), q[rows], k[rows], v[rows], dout[rows]
     )
 
 
-def test_cp2_packed_thd_matches_full_reference():
+@pytest.mark.parametrize("registered", [False, True], ids=["per_document", "batched"])
+def test_cp2_packed_thd_matches_full_reference(registered):
     seed = 5
-    per_rank = run_distributed(_cp_thd_worker, 2, seed)
+    per_rank = run_distributed(_cp_thd_worker, 2, seed, registered)
     g = torch.Generator().manual_seed(seed)
     cu, cu_pad, q, k, v = _pack(CP_LENS, CP_PAD, gen=g)
     dout = rand(q.size(0), NP * HN, gen=g)

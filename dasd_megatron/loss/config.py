@@ -22,14 +22,15 @@ and are fields precisely so runs can change them:
 | advantage_std_normalize | True: A_G = (r - mean_g) / (std_g + advantage_eps), Bessel-corrected std | paper |
 | temperature | 1.0: must equal the rollout engine's sampling temperature | - |
 | chunk_size | None: tokens per kernel chunk from `default_chunk_size` | - |
-| kernel_backend | 'auto' (= 'torch'), 'torch', 'triton' | - |
+| kernel_backend | 'auto' (triton on CUDA, torch on CPU), 'torch', 'triton' | - |
 | compile_kernels | None (auto: on with CUDA, off on CPU): torch.compile the torch backend's chunk math, see below | - |
 | check_finite | True: raise on NaN/inf logits (one host sync per kernel call) | - |
 
 compile_kernels: eager chunked kernels launch many small ops per chunk; compiled, the chunk math fuses (the
 measured gap is in the README's `bench/loss.py` paragraph). Eager is the CPU and reference path.
 kernel_backend: 'triton' (`triton_kernels.py`) reads the logits once per direction and needs two collectives per
-call (compile_kernels has no effect on it). It is opt-in (see the README for what has been measured of it).
+call (compile_kernels has no effect on it). 'auto' picks it for CUDA logits where triton imports (see the README
+for what has been measured of it), the torch path on the CPU.
 
 `cfg.kernel_kwargs` holds the keyword arguments of `vocab_parallel_token_stats` that come from this config.
 
@@ -144,7 +145,7 @@ class DASDLossConfig:
             _fail("chunk_size", self.chunk_size, "must be a positive int (tokens per chunk) or None (automatic)",
                   "use None or e.g. 1024")
         if self.kernel_backend not in KERNEL_BACKENDS:
-            _fail("kernel_backend", self.kernel_backend, "must be 'auto' (the torch kernels), 'torch' or "
+            _fail("kernel_backend", self.kernel_backend, "must be 'auto' (triton on CUDA, torch on CPU), 'torch' or "
                   "'triton'", f"use {_SECTION}.kernel_backend=auto")
         if not self.reward_term and self.beta == 0.0:
             _fail("beta", self.beta, "must be > 0 when reward_term is False (the loss would be identically 0)",

@@ -29,8 +29,9 @@ the tensor and the count of bad values summed over the TP group. Targets must li
     'torch'   `torch_kernels.py`: chunked passes, three collectives per chunk, optional `torch.compile` of the
               chunk math (use it on CUDA); the reference implementation.
     'triton'  `triton_kernels.py`: one streaming pass over the logits in each direction, two collectives per call
-              (CUDA, or CPU under TRITON_INTERPRET=1). Opt-in: `loss.kernel_backend=triton`.
-    'auto'    (the default) the torch path.
+              (CUDA, or CPU under TRITON_INTERPRET=1).
+    'auto'    (the default) the Triton path for CUDA logits where triton imports (measured on an H200: 2.7x faster
+              than the compiled torch path at 2.5x its bandwidth floor, README), the torch path elsewhere.
 
 float64 inputs always take the torch path.
 """
@@ -80,8 +81,8 @@ def _use_triton(backend: str, logits: torch.Tensor) -> bool:
     """Resolve `kernel_backend` for these logits; raise when 'triton' cannot run here."""
     if backend == "torch" or logits.dtype == torch.float64:
         return False
-    if backend == "auto":  # 'auto' resolves to the torch path; the Triton kernels are opt-in
-        return False
+    if backend == "auto":  # Triton on CUDA where it imports; torch on the CPU (and without triton)
+        return logits.is_cuda and _triton_imports()
     if not _triton_imports():
         raise RuntimeError(
             "kernel_backend='triton': the triton package does not import here. Fix: pip install triton (Linux), "

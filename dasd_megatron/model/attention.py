@@ -17,7 +17,12 @@ Layout (per tensor-parallel rank; np = query heads, ng = query groups (GQA), hk/
   (or ``cu_seqlens_q[i]`` without padding); padding tokens and any tail after the last document get a zero
   output and receive no gradient. Attention never crosses a document boundary: without CP, causal, fp16/bf16
   on CUDA, one ``torch.nn.attention.varlen.varlen_attn`` flash kernel covers the whole pack (torch >= 2.9;
-  set ``use_varlen = False`` to turn it off); otherwise SDPA runs once per document.
+  set ``use_varlen = False`` to turn it off); otherwise, for a pack registered by ``model/packed.py`` (every
+  pack the trainer builds), causal attention runs as one batched SDPA per bucket of similar-length documents
+  (``packed.attention_plan``: a fixed number of ops whatever the number of documents), and under CP one per
+  bucket of document halves (``packed.cp_attention_plan``: the bottom-right causal mask of each half as an
+  explicit boolean mask); else SDPA runs once per document (per half under CP). A registered pack's ``cu_seqlens`` come from its host-side ``PackInfo``, so the
+  layer never reads them back from the device.
 
 Masking: ``causal``/``padding_causal`` apply the causal constraint (aligned to the bottom-right when sq != sk,
 as for decoding with a KV cache); ``causal_bottom_right`` likewise; ``no_mask``/``padding`` do not. A given
@@ -75,6 +80,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from dasd_megatron.model.packed import pack_info
 from dasd_megatron.parallel_layout import zigzag_global_index
 
 try:  # torch >= 2.3
@@ -187,7 +193,16 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **kwargs)
 
 
-def _varlen_causal(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: float) -> Optional[Tensor]:
+def _keep_rows(cu_pad: list[int], lens: list[int], t: int) -> Tensor:
+    """[t, 1, 1] host mask: 1 on each document's real rows, 0 on padding and on a tail after the pack."""
+    keep = torch.zeros(t, 1, 1)
+    for start, n in zip(cu_pad[:-1], lens):
+        keep[start:start + n] = 1
+    return keep
+
+
+def _varlen_causal(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: float,
+                   cu: Optional[Tensor] = None) -> Optional[Tensor]:
     """Causal attention within each segment [bounds[i], bounds[i+1]) of a pack, with one varlen kernel.
 
     q ``[t, np, hk]``, k/v ``[t, ng, hk]``. Returns ``[t, np, hk]``, or None where this torch's
@@ -212,7 +227,8 @@ def _varlen_causal(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: fl
         else:
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    cu = torch.tensor(bounds, dtype=torch.int32).to(q.device, non_blocking=True)
+    if cu is None:
+        cu = torch.tensor(bounds, dtype=torch.int32).to(q.device, non_blocking=True)
     max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     return _varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
@@ -463,14 +479,25 @@ class SDPACoreAttention(MegatronModule):
         t, npr, _ = query.shape
         hv = value.size(-1)
 
-        cu = _as_list(psp.cu_seqlens_q, "cu_seqlens_q")
-        cu_kv = _as_list(psp.cu_seqlens_kv, "cu_seqlens_kv") if psp.cu_seqlens_kv is not None else cu
-        cu_pad = _as_list(psp.cu_seqlens_q_padded, "cu_seqlens_q_padded") if psp.cu_seqlens_q_padded is not None else cu
-        cu_kv_pad = (
-            _as_list(psp.cu_seqlens_kv_padded, "cu_seqlens_kv_padded")
-            if getattr(psp, "cu_seqlens_kv_padded", None) is not None
-            else cu_pad
-        )
+        # The pack's layout as host lists: from its registered PackInfo (computed once per micro-batch when it was
+        # packed: no device read-back here, model/packed.py), else read back from the tensors (one sync per list).
+        info = pack_info(psp.cu_seqlens_q)
+        same_kv = psp.cu_seqlens_kv is None or psp.cu_seqlens_kv is psp.cu_seqlens_q
+        same_kv_pad = getattr(psp, "cu_seqlens_kv_padded", None) is psp.cu_seqlens_q_padded
+        if info is not None and same_kv and same_kv_pad and int(info.positions.shape[0]) == t:
+            cu, cu_pad = list(info.cu), list(info.cu_pad)
+            cu_kv, cu_kv_pad = cu, cu_pad
+        else:
+            info = None
+            cu = _as_list(psp.cu_seqlens_q, "cu_seqlens_q")
+            cu_kv = _as_list(psp.cu_seqlens_kv, "cu_seqlens_kv") if psp.cu_seqlens_kv is not None else cu
+            cu_pad = (_as_list(psp.cu_seqlens_q_padded, "cu_seqlens_q_padded")
+                      if psp.cu_seqlens_q_padded is not None else cu)
+            cu_kv_pad = (
+                _as_list(psp.cu_seqlens_kv_padded, "cu_seqlens_kv_padded")
+                if getattr(psp, "cu_seqlens_kv_padded", None) is not None
+                else cu_pad
+            )
         if cu_kv != cu or cu_kv_pad != cu_pad or key.size(0) != t:
             raise NotImplementedError(
                 "SDPACoreAttention thd: only self-attention is supported (cu_seqlens_kv[_padded] must equal "
@@ -512,15 +539,31 @@ class SDPACoreAttention(MegatronModule):
             # Padded documents run as segments [cu_pad[i], cu_pad[i+1]) (their padding comes after the real
             # tokens, so causal real queries never see it); a tail after the pack is one more segment.
             bounds = sorted(set(cu_pad + [t]))
-            fast = _varlen_causal(query, key, value, bounds, self.softmax_scale)
+            cu_dev, keep = info.varlen_tables(t, query.device) if info is not None else (None, None)
+            fast = _varlen_causal(query, key, value, bounds, self.softmax_scale, cu=cu_dev)
             if fast is not None and (lens != pad_lens or cu_pad[-1] != t):
-                keep = torch.zeros(t, 1, 1, dtype=fast.dtype)
-                for start, n in zip(cu_pad[:-1], lens):
-                    keep[start:start + n] = 1
-                fast = fast * keep.to(fast.device, non_blocking=True)  # padding: zero output, no gradient
+                if keep is None:
+                    keep = _keep_rows(cu_pad, lens, t).to(fast.device, non_blocking=True)
+                fast = fast * keep.to(fast.dtype)  # padding: zero output, no gradient
         if fast is not None:
             pieces.append(fast)
             pos = t
+        elif cp == 1 and causal and info is not None:
+            # All documents in a fixed number of batched SDPA calls (documents bucketed by length), whatever
+            # their number: see `model/packed.py::attention_plan`.
+            plan = info.attention_plan(query.device)
+            ng = key.size(1)
+            outs = []
+            for b in plan.buckets:
+                def gather(x: Tensor, heads: int) -> Tensor:  # -> [n_docs, heads, length, dim]
+                    return x.index_select(0, b.gather).view(b.n_docs, b.length, heads, x.size(-1)).transpose(1, 2)
+
+                o = sdpa(gather(query, npr), gather(key, ng), gather(value, ng), causal=True, allowed=None,
+                         scale=self.softmax_scale, dropout_p=dropout_p)
+                outs.append(o.transpose(1, 2).reshape(b.n_docs * b.length, npr * hv))
+            outs.append(query.new_zeros(1, npr * hv))
+            out = torch.cat(outs, dim=0).index_select(0, plan.scatter)
+            return out.unsqueeze(1) if four_d else out
         elif cp == 1:
             for start, n in zip(cu_pad[:-1], lens):
                 if n == 0:
@@ -535,6 +578,24 @@ class SDPACoreAttention(MegatronModule):
                     f"SDPACoreAttention thd with CP={cp}: every padded document length must be a multiple of "
                     f"2*cp={2 * cp} (cu_seqlens_q_padded={cu_pad}); pad documents as megatron/TE require."
                 )
+            if causal and info is not None:
+                # Every document half in a fixed number of batched SDPA calls (model/packed.py).
+                plan = info.cp_attention_plan(t, cp, cp_rank, query.device)
+                kg, vg = self._gather_kv_global(key, value, plan.kv_index)  # [cu_pad[-1], ng, h], global order
+                ng = key.size(1)
+                outs = []
+                for b in plan.buckets:
+                    qb = query.index_select(0, b.q_gather).view(b.n, b.q_len, npr, -1).transpose(1, 2)
+                    kb = kg.index_select(0, b.k_gather).view(b.n, b.k_len, ng, -1).transpose(1, 2)
+                    vb = vg.index_select(0, b.k_gather).view(b.n, b.k_len, ng, -1).transpose(1, 2)
+                    rows = torch.arange(b.q_len, device=query.device)
+                    cols = torch.arange(b.k_len, device=query.device)
+                    allowed = (cols[None, None, :] <= rows[None, :, None] + b.offset[:, None, None]).unsqueeze(1)
+                    o = sdpa(qb, kb, vb, causal=False, allowed=allowed, scale=self.softmax_scale, dropout_p=dropout_p)
+                    outs.append(o.transpose(1, 2).reshape(b.n * b.q_len, npr * hv))
+                outs.append(query.new_zeros(1, npr * hv))
+                out = torch.cat(outs, dim=0).index_select(0, plan.scatter)
+                return out.unsqueeze(1) if four_d else out
             n_local = cu_pad[-1] // cp
             # The gathered tensor is rank-major over the ranks' full local tensors (t tokens each).
             index = zigzag_global_index(pad_lens, cp, device=key.device)

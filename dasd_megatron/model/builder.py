@@ -66,6 +66,12 @@ def transformer_config(arch: HFArchitecture, cfg: RunConfig):
         # Sum (not average) of the per-micro-batch loss: the DASD loss normalises by global token counts itself.
         calculate_per_token_loss=True,
     )
+    backend = resolve_backend(cfg.model.attention_backend)
+    fused = fused_kernel_backend(cfg) if backend != "te" else "torch"
+    if fused == "triton":
+        # megatron's MLP applies `submodules.activation_func` (our fused SwiGLU, `layer_spec(fused_swiglu=True)`) to
+        # the whole fc1 output only under this flag; the name says TE, but the hook is any module.
+        kwargs["use_te_activation_func"] = True
     if prec.fp8 is not None:
         kwargs.update(
             fp8=prec.fp8,
@@ -73,7 +79,17 @@ def transformer_config(arch: HFArchitecture, cfg: RunConfig):
             fp8_amax_history_len=prec.fp8_amax_history_len,
             fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
         )
-    return TransformerConfig(**kwargs)
+    tcfg = TransformerConfig(**kwargs)
+    tcfg.dasd_fused_kernels = fused  # read by our RMSNorm and the packed RoPE (model/packed.py)
+    return tcfg
+
+
+def fused_kernel_backend(cfg: RunConfig) -> str:
+    """`model.fused_kernels` resolved for this process's device: 'triton' or 'torch'."""
+    from dasd_megatron.kernels import resolve_fused_kernels
+    from dasd_megatron.megatron_compat import device
+
+    return resolve_fused_kernels(cfg.model.fused_kernels, device())
 
 
 def build_model(cfg: RunConfig, arch: HFArchitecture, *, pre_process=None, post_process=None):
@@ -82,16 +98,20 @@ def build_model(cfg: RunConfig, arch: HFArchitecture, *, pre_process=None, post_
     from megatron.core.models.gpt import GPTModel
 
     from dasd_megatron.megatron_compat import device
+    from dasd_megatron.model import packed
 
+    packed.install()  # one RoPE op per layer over a packed micro-batch (model/packed.py)
     tcfg = transformer_config(arch, cfg)
     backend = resolve_backend(cfg.model.attention_backend)
-    log.info("layer spec: %s (requested %s)", backend, cfg.model.attention_backend)
+    log.info("layer spec: %s (requested %s), fused kernels: %s", backend, cfg.model.attention_backend,
+             tcfg.dasd_fused_kernels)
     pp = cfg.parallel.pipeline
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    spec = block_spec(backend, qk_layernorm=arch.qk_layernorm, num_layers=arch.num_layers // pp)
+    spec = block_spec(backend, qk_layernorm=arch.qk_layernorm, num_layers=arch.num_layers // pp,
+                      fused_swiglu=tcfg.dasd_fused_kernels == "triton")
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
     torch.manual_seed(cfg.model.seed)
     model = GPTModel(

@@ -39,8 +39,11 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
-def layer_spec(backend: str, *, qk_layernorm: bool) -> ModuleSpec:
-    """The transformer-layer ModuleSpec for a resolved backend ('te', 'sdpa' or 'local')."""
+def layer_spec(backend: str, *, qk_layernorm: bool, fused_swiglu: bool = False) -> ModuleSpec:
+    """The transformer-layer ModuleSpec for a resolved backend ('te', 'sdpa' or 'local').
+
+    `fused_swiglu` (sdpa/local): the MLP's activation is our one-kernel SwiGLU (`kernels.swiglu.FusedSwiGLU`);
+    megatron applies it only with `TransformerConfig.use_te_activation_func`, which `transformer_config` sets."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -48,6 +51,11 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if fused_swiglu:
+        from dasd_megatron.kernels import FusedSwiGLU
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.mlp.submodules.activation_func = FusedSwiGLU
     if backend == "local":
         return spec
     if backend != "sdpa":
@@ -67,11 +75,11 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> ModuleSpec:
     return spec
 
 
-def block_spec(backend: str, *, qk_layernorm: bool, num_layers: int):
+def block_spec(backend: str, *, qk_layernorm: bool, num_layers: int, fused_swiglu: bool = False):
     """TransformerBlockSubmodules with our final norm (so sequence parallelism works without apex)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    layer = layer_spec(backend, qk_layernorm=qk_layernorm)
+    layer = layer_spec(backend, qk_layernorm=qk_layernorm, fused_swiglu=fused_swiglu and backend != "te")
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 

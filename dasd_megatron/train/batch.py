@@ -23,7 +23,7 @@ rows onto the student's (`loss/cp_align.align_teacher_rows`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -73,21 +73,52 @@ class PackedBatch:
     rollout_logp: torch.Tensor  # [T] fp32: engine log-prob of the predicted token, 0 elsewhere
     cu_seqlens_padded: Optional[torch.Tensor] = None
     """[n_docs + 1] int32: cumulative document lengths padded to 2*cp (context parallelism); None without CP."""
+    host_cu: Optional[tuple] = None
+    """`cu_seqlens` as a host tuple (set by `pack`), so nothing reads the device tensor back."""
+    host_cu_padded: Optional[tuple] = None
+    """`cu_seqlens_padded` as a host tuple (None without CP)."""
+    cp_size: int = 1
+    loss_rows: Optional[torch.Tensor] = None
+    """[rows] int64: the positions of `loss_mask`, in order (computed on the host before the batch moves to its
+    device, so selecting loss rows needs no boolean indexing, which reads the mask back)."""
+    _psp: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.rollout_index >= 0
 
+    def loss_row_index(self) -> torch.Tensor:
+        """`loss_rows` (or, when absent, the mask's positions computed here: a host read-back on a device)."""
+        return self.loss_rows if self.loss_rows is not None else self.loss_mask.nonzero().flatten()
+
+    @property
+    def num_loss_rows(self) -> int:
+        """The number of loss rows (host int)."""
+        return int(self.loss_row_index().numel())
+
     def padded_doc_lengths(self) -> list[int]:
-        cu = self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded
-        return (cu[1:] - cu[:-1]).tolist()
+        cu = self._host_cu_padded()
+        return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+    def _host_cu(self) -> tuple:
+        return self.host_cu if self.host_cu is not None else tuple(self.cu_seqlens.tolist())
+
+    def _host_cu_padded(self) -> tuple:
+        if self.cu_seqlens_padded is None:
+            return self._host_cu()
+        return self.host_cu_padded if self.host_cu_padded is not None else tuple(self.cu_seqlens_padded.tolist())
 
     def packed_seq_params(self):
-        from megatron.core.packed_seq_params import PackedSeqParams
+        """megatron's thd `PackedSeqParams` for this pack, built once, with its host-side layout registered for the
+        packed fast path (`model/packed.py`: RoPE in one op per layer, no host sync in attention)."""
+        if self._psp is None:
+            from dasd_megatron.model.packed import packed_seq_params
 
-        cu, cup = self.cu_seqlens, self.cu_seqlens_padded
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cup,
-                               cu_seqlens_kv_padded=cup, max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+            self._psp = packed_seq_params(
+                cu_seqlens=self.cu_seqlens, cu_seqlens_padded=self.cu_seqlens_padded, max_seqlen=self.max_seqlen,
+                host_cu=self._host_cu(), host_cu_pad=None if self.cu_seqlens_padded is None else self._host_cu_padded(),
+                position_ids=self.position_ids, cp=self.cp_size)
+        return self._psp
 
     def cp_layout(self, cp_size: int) -> ZigZagLayout:
         """The zig-zag layout of this (whole) pack over `cp_size` ranks."""
@@ -100,13 +131,16 @@ class PackedBatch:
         rows = self.cp_layout(cp_size).local_positions(cp_rank).to(self.tokens.device)
         return PackedBatch(self.tokens[:, rows], self.position_ids[:, rows], self.cu_seqlens, self.max_seqlen,
                            self.targets[rows], self.rollout_index[rows], self.rollout_logp[rows],
-                           self.cu_seqlens_padded)
+                           self.cu_seqlens_padded, self.host_cu, self.host_cu_padded, cp_size,
+                           (self.rollout_index[rows] >= 0).nonzero().flatten())
 
     def to(self, device) -> "PackedBatch":
         cup = None if self.cu_seqlens_padded is None else self.cu_seqlens_padded.to(device)
         return PackedBatch(self.tokens.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
                            self.max_seqlen, self.targets.to(device), self.rollout_index.to(device),
-                           self.rollout_logp.to(device), cup)
+                           self.rollout_logp.to(device), cup, self._host_cu(),
+                           None if self.cu_seqlens_padded is None else self._host_cu_padded(), self.cp_size,
+                           self.loss_row_index().to(device))
 
 
 def cp_pad(n: int, cp_size: int) -> int:
@@ -121,8 +155,7 @@ def response_spans(rollouts: Sequence[Rollout], ids: Sequence[int], student: Pac
     from dasd_megatron.loss.cp_align import ResponseSpans
 
     def starts(pack_: PackedBatch) -> list[int]:
-        cu = pack_.cu_seqlens if pack_.cu_seqlens_padded is None else pack_.cu_seqlens_padded
-        return cu[:len(ids)].tolist()
+        return list(pack_._host_cu_padded()[:len(ids)])
 
     s0, t0 = starts(student), starts(teacher)
     rs = [rollouts[i] for i in ids]
@@ -132,10 +165,17 @@ def response_spans(rollouts: Sequence[Rollout], ids: Sequence[int], student: Pac
 
 
 def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_multiple: int = 1,
-                       cp_size: int = 1) -> list[list[int]]:
-    """Greedy in-order packing (`next_fit`): consecutive rollouts share a micro-batch while both the student and the
-    teacher packs fit in `budget_tokens` (each rollout counted at its longer sequence, padded to `pad_multiple`
-    times 2*cp under context parallelism, a bound on what `pack` adds). Deterministic, so every run packs alike."""
+                       cp_size: int = 1, *, strategy: str = "ffd") -> list[list[int]]:
+    """Group rollouts into micro-batches whose student and teacher packs both fit in `budget_tokens` (each rollout
+    counted at its longer sequence, padded to `pad_multiple` times 2*cp under context parallelism, a bound on what
+    `pack` adds). Returns lists of indices into `rollouts`, each sorted ascending.
+
+    `strategy`: "ffd" (default) first-fit decreasing (`first_fit_decreasing`): largest rollouts first, each into the
+    first micro-batch with room, so micro-batches are fuller and fewer; they are ordered by their smallest index.
+    "in_order": greedy in-order packing (`next_fit`): consecutive rollouts share a micro-batch (the former plan).
+    The loss is a token mean over the whole batch, so the grouping changes only the number of forward passes (and
+    the floating-point summation order).
+    Deterministic, so every run packs alike."""
     mult = pad_multiple * (2 * cp_size if cp_size > 1 else 1)
 
     def padded(n: int) -> int:
@@ -146,7 +186,13 @@ def plan_micro_batches(rollouts: Sequence[Rollout], budget_tokens: int, pad_mult
         if n > budget_tokens:
             raise ValueError(f"rollout {i} needs {n} tokens, more than train.micro_batch_tokens={budget_tokens}; "
                              "raise the budget or lower max_prompt_tokens / max_response_tokens")
-    return next_fit(need, budget_tokens)
+    if strategy == "ffd":
+        from dasd_megatron.packing import first_fit_decreasing
+
+        return first_fit_decreasing(need, budget_tokens)
+    if strategy == "in_order":
+        return next_fit(need, budget_tokens)
+    raise ValueError(f"plan_micro_batches: unknown strategy {strategy!r}; use 'ffd' or 'in_order'")
 
 
 def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, rollout_ids: Sequence[int],
@@ -199,4 +245,7 @@ def pack(rollouts: Sequence[Rollout], ids: Sequence[int], *, teacher: bool, roll
         rollout_index=torch.tensor(rid, dtype=torch.long),
         rollout_logp=torch.tensor(rlp, dtype=torch.float32),
         cu_seqlens_padded=torch.tensor(cu_pad, dtype=torch.int32) if cp_size > 1 else None,
+        host_cu=tuple(cu),
+        host_cu_padded=tuple(cu_pad) if cp_size > 1 else None,
+        loss_rows=torch.tensor([i for i, v in enumerate(rid) if v >= 0], dtype=torch.long),
     )

@@ -100,9 +100,9 @@ def dasd_loss_sum(stats: TokenStats, batch: PackedBatch, advantages: torch.Tenso
     `old_logp` None: the student's own detached log-probs (on-policy); `rollout_stats` None: computed from this
     micro-batch's tokens, gathered over `stats_group` (the CP group; exact when the micro-batch holds its rollouts
     whole)."""
-    mask = batch.loss_mask
-    return dasd_loss(stats, batch.rollout_index[mask], advantages, cfg, old_logp=old_logp,
-                     rollout_logp=batch.rollout_logp[mask], rollout_stats=rollout_stats,
+    rows = batch.loss_row_index()
+    return dasd_loss(stats, batch.rollout_index.index_select(0, rows), advantages, cfg, old_logp=old_logp,
+                     rollout_logp=batch.rollout_logp.index_select(0, rows), rollout_stats=rollout_stats,
                      num_global_tokens=SUM_REDUCTION, stats_group=stats_group)
 
 
@@ -275,7 +275,7 @@ class DASDStep:
                     tst = self._token_stats(self._loss_rows(t_logits, mb.teacher), None, mb.teacher)
                     t_logp = self._align_teacher_values(tst.logp, mb)
                 found[idx] = TokenScores(logp=st.logp, entropy=st.entropy, teacher_logp=t_logp)
-                n = torch.tensor(int(mb.student.loss_mask.sum()), dtype=torch.int, device=logits.device)
+                n = torch.tensor(mb.student.num_loss_rows, dtype=torch.int, device=logits.device)
                 return logits.new_zeros(()), n, {}
 
             return out, loss_func
@@ -295,7 +295,8 @@ class DASDStep:
             return None
         H = torch.cat([s.entropy for s in scores])
         delta = torch.cat([s.teacher_logp - s.logp for s in scores])
-        ri = torch.cat([mb.student.rollout_index[mb.student.loss_mask] for mb in micro_batches])
+        ri = torch.cat([mb.student.rollout_index.index_select(0, mb.student.loss_row_index())
+                        for mb in micro_batches])
         return compute_rollout_stats(H, delta, ri, num_rollouts, self.cfg.loss, group=self.cp_group)
 
     def train_after_scoring(self, micro_batches: list[MicroBatch], scores: Optional[list[TokenScores]],
@@ -315,32 +316,51 @@ class DASDStep:
         `loss/num_tokens`; the other metrics over this DP rank's micro-batches and its CP group: `*_max` metrics the
         largest, `SUMMED_LOSS_METRICS` (sums) divided by the token count, the others (per-micro-batch means)
         token-weighted."""
-        out: dict = {}
         ctx = self.ctx
+        names: list[str] = []
+        values: list[torch.Tensor] = []  # float64 on the device; read back once, at the end
         if losses.reports:
-            tot = torch.stack([r["loss"] for r in losses.reports]).sum(0)
+            tot = torch.stack([r["loss"] for r in losses.reports]).sum(0).double()
             if ctx.dp * ctx.cp > 1:
                 dist.all_reduce(tot, group=ctx.dp_cp_group)
-            out["loss/dasd"] = (tot[0] / tot[1].clamp(min=1)).item()
-            out["loss/num_tokens"] = int(tot[1].item())
+            names += ["loss/dasd", "loss/num_tokens"]
+            values += [tot[0] / tot[1].clamp(min=1), tot[1]]
         metrics = losses.metrics
-        if not metrics:
-            return out
-        keys = [k for k in metrics[0][1] if k not in out]  # the same keys on every rank (one loss config)
-        maxed = [k for k in keys if k.endswith("_max")]
-        summed = [k for k in keys if k not in maxed]
-        sums = torch.tensor([float(sum(n for n, _ in metrics))]
-                            + [sum(m[k] if k in SUMMED_LOSS_METRICS else n * m[k] for n, m in metrics)
-                               for k in summed], dtype=torch.float64)
-        maxes = torch.tensor([max(m[k] for _, m in metrics) for k in maxed], dtype=torch.float64)
-        if self.cp_group is not None:
-            dist.all_reduce(sums, group=self.cp_group)
-            if maxed:
-                dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.cp_group)
-        n_all = sums[0].item()
-        if n_all:
-            out.update({k: (v / n_all).item() for k, v in zip(summed, sums[1:])})
-            out.update({k: v.item() for k, v in zip(maxed, maxes)})
+        if metrics:
+            dev = ctx.device
+
+            def value(v) -> torch.Tensor:
+                return torch.as_tensor(v, dtype=torch.float64).to(dev) if not torch.is_tensor(v) else v.double()
+
+            keys = [k for k in metrics[0][1] if k not in names]  # the same keys on every rank (one loss config)
+            maxed = [k for k in keys if k.endswith("_max")]
+            summed = [k for k in keys if k not in maxed]
+            n_all = float(sum(n for n, _ in metrics))
+            if summed:
+                weights = torch.tensor([[1.0 if k in SUMMED_LOSS_METRICS else float(n) for k in summed]
+                                        for n, _ in metrics], dtype=torch.float64)
+                table = torch.stack([torch.stack([value(m[k]) for k in summed]) for _, m in metrics])
+                sums = torch.cat([torch.tensor([n_all], dtype=torch.float64).to(dev),
+                                  (table * weights.to(dev)).sum(0)])
+            else:
+                sums = torch.tensor([n_all], dtype=torch.float64).to(dev)
+            maxes = (torch.stack([torch.stack([value(m[k]) for k in maxed]) for _, m in metrics]).amax(0)
+                     if maxed else None)
+            if self.cp_group is not None:
+                dist.all_reduce(sums, group=self.cp_group)
+                if maxes is not None:
+                    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.cp_group)
+            n = sums[0]
+            names += ["_n"] + summed + maxed
+            values += [n, *(sums[1:] / n.clamp(min=1e-300))] + ([] if maxes is None else list(maxes))
+        if not values:
+            return {}
+        host = torch.stack([v.reshape(()) for v in values]).tolist()  # the one read-back of the step's metrics
+        out = dict(zip(names, host))
+        if "loss/num_tokens" in out:
+            out["loss/num_tokens"] = int(out["loss/num_tokens"])
+        if out.pop("_n", 1.0) == 0:
+            out = {k: v for k, v in out.items() if k in ("loss/dasd", "loss/num_tokens")}
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -368,8 +388,8 @@ class DASDStep:
                 loss_sum, m = dasd_loss_sum(st, mb.student, advantages, cfg,
                                             old_logp=None if scored is None else scored.logp,
                                             rollout_stats=rollout_stats, stats_group=self.cp_group)
-                n = int(mb.student.loss_mask.sum())
-                metrics.append((n, {k: float(v) for k, v in m.items()}))
+                n = mb.student.num_loss_rows
+                metrics.append((n, {k: v.detach() if torch.is_tensor(v) else v for k, v in m.items()}))
                 nt = torch.tensor(n, dtype=torch.int, device=logits.device)
                 return loss_sum, nt, {"loss": torch.stack([loss_sum.detach(), nt.float()])}
 
@@ -420,27 +440,26 @@ class DASDStep:
             return self._loss_rows(t_logits, mb.teacher)
         aligned, _ = align_teacher_rows(t_logits[0], student_layout=mb.student_layout,
                                         teacher_layout=mb.teacher_layout, spans=mb.spans, cp_group=self.cp_group)
-        return aligned[mb.student.loss_mask]
+        return aligned.index_select(0, mb.student.loss_row_index())
 
     def _align_teacher_values(self, values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """Per-token teacher values on the teacher's loss rows -> the same values on the student's loss rows."""
         if mb.spans is None:
             return values
-        full = values.new_zeros(mb.teacher.tokens.shape[1])
-        full[mb.teacher.loss_mask] = values
+        full = values.new_zeros(mb.teacher.tokens.shape[1]).index_copy(0, mb.teacher.loss_row_index(), values)
         aligned, _ = align_teacher_rows(full, student_layout=mb.student_layout, teacher_layout=mb.teacher_layout,
                                         spans=mb.spans, cp_group=self.cp_group)
-        return aligned[mb.student.loss_mask]
+        return aligned.index_select(0, mb.student.loss_row_index())
 
     def _loss_rows(self, logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """[1, T, V/tp] logits -> [rows, V/tp] at the positions that predict response tokens."""
-        return logits[0][batch.loss_mask]
+        return logits[0].index_select(0, batch.loss_row_index())
 
     def _token_stats(self, s_rows, t_rows, batch: PackedBatch) -> TokenStats:
         """Vocab-parallel per-token statistics of the student rows (and teacher rows, when given)."""
         v_local = s_rows.shape[-1]
         return vocab_parallel_token_stats(
-            s_rows, t_rows, batch.targets[batch.loss_mask], self.ctx.tp_group,
+            s_rows, t_rows, batch.targets.index_select(0, batch.loss_row_index()), self.ctx.tp_group,
             vocab_start=self.ctx.tp_rank * v_local, vocab_size=self.arch.vocab_size, **self.cfg.loss.kernel_kwargs,
         )
 

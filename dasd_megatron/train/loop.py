@@ -42,6 +42,7 @@ from dasd_megatron.model.export import iter_hf_weight_buckets
 from dasd_megatron.model.hf_config import load_hf_architecture
 from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
 from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
+from dasd_megatron.packing import balanced_dp_split
 from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
 from dasd_megatron.preflight import preflight
 from dasd_megatron.reward import RewardResult, RewardScorer
@@ -379,7 +380,10 @@ class Trainer:
         groups = torch.tensor([r.group for r in rollouts], dtype=torch.long)
         adv = grpo_advantages(rewards, groups, std_normalize=cfg.loss.advantage_std_normalize,
                               eps=cfg.loss.advantage_eps)
-        mine = list(range(len(rollouts)))[self.ctx.dp_rank::self.ctx.dp]
+        # Token-balanced shares (Karmarkar-Karp over student + teacher tokens, both forwards run): no DP rank waits
+        # for one holding the longest responses. The loss is a global token mean, so the split changes no maths.
+        cost = [r.length(False) + r.length(True) for r in rollouts]
+        mine = balanced_dp_split(cost, self.ctx.dp)[self.ctx.dp_rank]
         return self.step_fn.run([rollouts[i] for i in mine], mine, adv, step=self.step)
 
     def release_rollout_memory(self) -> dict:
