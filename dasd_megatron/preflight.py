@@ -70,7 +70,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def preflight(cfg: RunConfig, world_size: int, *, job: str = "train", arch=None, te_available: Optional[bool] = None,
               need_data: bool = True, need_weights: bool = True, on_cluster: bool = False,
-              world_from: str = "") -> list[str]:
+              world_from: str = "", cuda_available: Optional[bool] = None) -> list[str]:
     """Every check the trainer (job 'train') or `dasd smoke` (job 'smoke') makes before its first step that can be
     made offline, for `world_size` processes (see the module docstring). Raises `ConfigError`; returns the warnings
     about paths it could not check here (`on_cluster`).
@@ -80,6 +80,8 @@ def preflight(cfg: RunConfig, world_size: int, *, job: str = "train", arch=None,
     (otherwise a given one is still checked; `dasd validate`). need_weights: a local model folder must hold
     safetensors weights and a tokenizer (job 'train'). on_cluster: the paths are the job's, on a file system that
     may not be this one (`dasd submit`). world_from: how the world size was chosen, added to layout errors.
+    cuda_available: whether the job computes on CUDA devices (None: detect it here); decides whether
+    `model.fused_kernels=triton` can run.
     """
     if job not in JOBS:
         raise ConfigError(f"job={job!r}: unknown job kind. Fix: use one of {list(JOBS)}")
@@ -93,6 +95,13 @@ def preflight(cfg: RunConfig, world_size: int, *, job: str = "train", arch=None,
             from dasd_megatron.train.dasd_step import check_supported  # torch: only once a config got this far
 
             check_supported(cfg, world_size)
+        from dasd_megatron.kernels import resolve_fused_kernels
+
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        resolve_fused_kernels(cfg.model.fused_kernels, "cuda" if cuda_available else "cpu")
     except ConfigError as e:
         if world_from:
             raise ConfigError(f"{e} ({world_from})") from None

@@ -169,3 +169,19 @@ def test_train_fails_in_one_line_before_any_process_starts(problem, tmp_path, da
                        f"data.source={source}", f"run_dir={tmp_path / 'run'}")
     assert _one_line(r).startswith(want)
     assert not (tmp_path / "run").exists() and seconds < 60  # no rank started, nothing written
+
+
+def test_fused_triton_kernels_need_a_cuda_job(tmp_path):
+    """`model.fused_kernels=triton` is refused up front where the job computes on CPUs (here), accepted for a GPU
+    recipe submitted from here (its job runs on CUDA), and 'auto' resolves per device (torch here)."""
+    c = cfg("model.fused_kernels=triton")
+    with pytest.raises(ConfigError, match=r"model.fused_kernels='triton': Triton kernels need a CUDA device"):
+        preflight(c, 2, job="smoke", cuda_available=False)
+    assert preflight(c, 2, job="smoke", cuda_available=True) == []
+    gpu = resolve_recipe("qwen3_1p7b_dasd_1node_h100_bf16", ["model.fused_kernels=triton"])
+    assert gpu.trainer.accelerator == "gpu"
+    from dasd_megatron.launch.checks import check_recipe
+
+    check_recipe(gpu, job="smoke")  # submitted from this CPU host: the job's CUDA decides, not this host's
+    r, _ = _dasd("validate", "--world-size", "1", "model.fused_kernels=triton", f"run_dir={tmp_path / 'run'}")
+    assert _one_line(r).startswith("dasd: config error: model.fused_kernels='triton'")

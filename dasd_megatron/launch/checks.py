@@ -64,7 +64,7 @@ def check_recipe(recipe: Recipe, te_available: Optional[bool] = None, on_cluster
 
             te_available = transformer_engine_available()
     warnings = preflight(cfg, trainer.world_size, job=job, te_available=te_available, need_data=job == "train",
-                         on_cluster=on_cluster,
+                         on_cluster=on_cluster, cuda_available=trainer.accelerator == "gpu",
                          world_from=f"recipe {recipe.name!r}: world size {trainer.world_size} = trainer.nodes "
                                     f"{trainer.nodes} x trainer.procs_per_node {trainer.procs_per_node}")
     arch = architecture(recipe)
