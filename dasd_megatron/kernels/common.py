@@ -2,7 +2,7 @@
 
 Whether Triton imports (`HAS_TRITON`) and in which mode the kernels were built (`INTERPRETED`: TRITON_INTERPRET=1 set
 before this package was first imported); `rounded` (round-to-nearest-even to the output precision) and
-`dtype_kind`; the compile-failure bookkeeping (`disable`, `disabled_ops`, `guarded_backward`); launch helpers.
+`dtype_kind`; the compile-failure bookkeeping (`disable`, `disabled_ops`, `guarded`); launch helpers.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def torch_grads(fn: Callable, inputs: Sequence[torch.Tensor], needs: Sequence[bo
     return tuple(next(got) if t.requires_grad else None for t in leaves)
 
 
-def guarded_backward(op: str, launch: Callable, fallback: Callable):
-    """`launch()` (a backward kernel), or on a compilation error `disable(op)` and `fallback()`."""
+def guarded(op: str, launch: Callable, fallback: Callable):
+    """`launch()` (an op's Triton forward, or its backward kernel), or on a compilation error `disable(op)` and
+    `fallback()` (the torch path)."""
     try:
         return launch()
     except COMPILE_ERRORS as e:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (HAS_TRITON, INTERPRETED, MAX_BLOCK, as_rows, dtype_kind, guarded_backward, launch_warps,
+from .common import (HAS_TRITON, INTERPRETED, MAX_BLOCK, as_rows, dtype_kind, guarded, launch_warps,
                      next_pow2, rounded, sm_count, tl, torch_grads, triton)
 
 __all__ = ["TritonRMSNorm", "rms_norm_supported", "rms_norm_torch", "rms_norm_triton"]
@@ -152,7 +152,7 @@ class TritonRMSNorm(torch.autograd.Function):
                                  dy.reshape(rows, n))
             return dx.view(ctx.shape), dw
 
-        dx, dw = guarded_backward("rms_norm", launch, fallback)
+        dx, dw = guarded("rms_norm", launch, fallback)
         return dx, dw, None
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (HAS_TRITON, INTERPRETED, dtype_kind, guarded_backward, launch_warps, next_pow2, rounded, tl,
+from .common import (HAS_TRITON, INTERPRETED, dtype_kind, guarded, launch_warps, next_pow2, rounded, tl,
                      torch_grads, triton)
 
 __all__ = ["TritonRoPE", "apply_rope_torch", "apply_rope_triton", "rope_supported"]
@@ -148,7 +148,7 @@ class TritonRoPE(torch.autograd.Function):
             return torch_grads(lambda a: apply_rope_torch(a, c3, s3), (torch.zeros_like(dy3),), (True,),
                                dy3)[0].reshape(ctx.shape)
 
-        return guarded_backward("apply_rope", lambda: TritonRoPE._run(dy, cos2, sin2, True), fallback), None, None
+        return guarded("apply_rope", lambda: TritonRoPE._run(dy, cos2, sin2, True), fallback), None, None
 
 
 def apply_rope_triton(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

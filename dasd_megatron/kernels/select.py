@@ -16,13 +16,11 @@ Triton path details:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from dasd_megatron.errors import config_error
 
-from .common import COMPILE_ERRORS, DISABLED, HAS_TRITON, INTERPRETED, disable, interpret_env
+from .common import DISABLED, HAS_TRITON, INTERPRETED, guarded, interpret_env
 from .rmsnorm import rms_norm_supported, rms_norm_torch, rms_norm_triton
 from .rope import apply_rope_torch, apply_rope_triton, rope_supported
 from .swiglu import swiglu_supported, swiglu_torch, swiglu_triton
@@ -77,14 +75,6 @@ def _use_triton(backend: str, t: torch.Tensor, op: str) -> bool:
     return True
 
 
-def _guarded(op: str, run_triton: Callable, run_torch: Callable):
-    try:
-        return run_triton()
-    except COMPILE_ERRORS as e:
-        disable(op, e)
-        return run_torch()
-
-
 # ----------------------------------------------------------------------------------------------------- dispatch
 
 
@@ -92,14 +82,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """`weight * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype)` (fp32 inside): `rmsnorm.rms_norm_triton` or
     `rmsnorm.rms_norm_torch` by `backend` ('torch', 'triton' or 'auto')."""
     if rms_norm_supported(x, weight) and _use_triton(backend, x, "rms_norm"):
-        return _guarded("rms_norm", lambda: rms_norm_triton(x, weight, eps), lambda: rms_norm_torch(x, weight, eps))
+        return guarded("rms_norm", lambda: rms_norm_triton(x, weight, eps), lambda: rms_norm_torch(x, weight, eps))
     return rms_norm_torch(x, weight, eps)
 
 
 def swiglu(x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """`silu(a) * b` with `a, b = chunk(x, 2, -1)`: `swiglu.swiglu_triton` or `swiglu.swiglu_torch`."""
     if swiglu_supported(x) and _use_triton(backend, x, "swiglu"):
-        return _guarded("swiglu", lambda: swiglu_triton(x), lambda: swiglu_torch(x))
+        return guarded("swiglu", lambda: swiglu_triton(x), lambda: swiglu_torch(x))
     return swiglu_torch(x)
 
 
@@ -107,7 +97,7 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: s
     """`t * cos + rotate_half(t) * sin` over the first `cos.shape[-1]` channels, the rest passed through:
     `rope.apply_rope_triton` or `rope.apply_rope_torch`."""
     if rope_supported(t, cos, sin) and _use_triton(backend, t, "apply_rope"):
-        return _guarded("apply_rope", lambda: apply_rope_triton(t, cos, sin), lambda: apply_rope_torch(t, cos, sin))
+        return guarded("apply_rope", lambda: apply_rope_triton(t, cos, sin), lambda: apply_rope_torch(t, cos, sin))
     return apply_rope_torch(t, cos, sin)
 
 

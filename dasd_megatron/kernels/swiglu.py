@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (HAS_TRITON, INTERPRETED, as_rows, dtype_kind, guarded_backward, launch_warps, next_pow2,
+from .common import (HAS_TRITON, INTERPRETED, as_rows, dtype_kind, guarded, launch_warps, next_pow2,
                      rounded, tl, torch_grads, triton)
 
 __all__ = ["FusedSwiGLU", "TritonSwiGLU", "swiglu_supported", "swiglu_torch", "swiglu_triton"]
@@ -117,7 +117,7 @@ class TritonSwiGLU(torch.autograd.Function):
         def fallback():
             return torch_grads(swiglu_torch, (x2,), (True,), dy.reshape(rows, f))[0]
 
-        return guarded_backward("swiglu", launch, fallback).view(ctx.shape)
+        return guarded("swiglu", launch, fallback).view(ctx.shape)
 
 
 def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
