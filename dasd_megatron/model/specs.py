@@ -55,7 +55,7 @@ def layer_spec(backend: str, *, qk_layernorm: bool, fused_swiglu: bool = False) 
         from dasd_megatron.kernels import FusedSwiGLU
 
         spec = copy.deepcopy(spec)
-        spec.submodules.mlp.submodules.activation_func = FusedSwiGLU
+        spec.submodules.mlp = _with_activation(spec.submodules.mlp, FusedSwiGLU)
     if backend == "local":
         return spec
     if backend != "sdpa":
@@ -73,6 +73,18 @@ def layer_spec(backend: str, *, qk_layernorm: bool, fused_swiglu: bool = False) 
         attn.q_layernorm = RMSNorm
         attn.k_layernorm = RMSNorm
     return spec
+
+
+def _with_activation(mlp_spec, activation):
+    """The MLP spec with `MLPSubmodules.activation_func = activation`: a `ModuleSpec` (megatron-core 0.16) or a
+    `functools.partial(MLP.as_mlp_submodule, submodules=...)` (0.19)."""
+    import dataclasses
+
+    if isinstance(mlp_spec, functools.partial):
+        sub = dataclasses.replace(mlp_spec.keywords["submodules"], activation_func=activation)
+        return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": sub})
+    mlp_spec.submodules = dataclasses.replace(mlp_spec.submodules, activation_func=activation)
+    return mlp_spec
 
 
 def block_spec(backend: str, *, qk_layernorm: bool, num_layers: int, fused_swiglu: bool = False):
