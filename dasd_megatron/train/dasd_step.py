@@ -141,8 +141,8 @@ class MicroBatchLosses:
 
     reports: list
     """megatron's per-micro-batch reports, each `{"loss": [loss sum, token count]}`."""
-    metrics: list[tuple[int, dict[str, float]]]
-    """`(token count, dasd_loss metrics)` per micro-batch."""
+    metrics: list[tuple[int, dict[str, torch.Tensor]]]
+    """`(token count, dasd_loss metrics)` per micro-batch: 0-dim device tensors, read back once by `summarise`."""
 
 
 PER_UPDATE_METRICS = ("loss/dasd", "loss/clip_frac", "loss/ratio_mean", "loss/ratio_max")
