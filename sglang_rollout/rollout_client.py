@@ -12,6 +12,9 @@ How it stays exact under failures:
 * connection errors, timeouts, 5xx/429 and samples that come back with ``finish_reason.type == "abort"`` (a
   server paused for a weight update, or shutting down) are retried with exponential backoff and jitter, preferring
   another server, at most `max_retries` times per call; a server that failed is avoided for a cool-down;
+* with `accept_version`, a sample stamped with a weight version it refuses (a server restarted with other weights
+  than the ones the rollout is meant to come from) is dropped and re-sent like an aborted one (counted in
+  ``stats["rejected_version"]``);
 * other 4xx (the request is wrong) and malformed answers (the server is broken) fail the rollout at once with
   the server's message;
 * with a seed, each sample gets its own `sampling_seed` derived from (seed, prompt index, sample index), so a
@@ -173,7 +176,8 @@ class RolloutClient:
         #: called with (url, error) on each retryable failure, e.g. `ServerManager.report_failure`
         self.on_server_error = on_server_error
         self._lock = threading.Condition()
-        self.stats = {"requests": 0, "retries": 0, "aborted_samples": 0, "duplicates_ignored": 0}
+        self.stats = {"requests": 0, "retries": 0, "aborted_samples": 0, "duplicates_ignored": 0,
+                      "rejected_version": 0}
 
     @property
     def urls(self) -> list[str]:
@@ -182,8 +186,10 @@ class RolloutClient:
     # ---- generation ----------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig = SamplingConfig(), *,
-                 batch_id: Optional[str] = None) -> list[list[Sample]]:
-        """G=`n` samples for each prompt (token ids), as lists in prompt and sample order."""
+                 batch_id: Optional[str] = None,
+                 accept_version: Optional[Callable[[str], bool]] = None) -> list[list[Sample]]:
+        """G=`n` samples for each prompt (token ids), as lists in prompt and sample order. `accept_version(label)`:
+        whether a sample stamped with weight version `label` is kept (others are re-sent; None keeps all)."""
         if n < 1:
             raise ValueError(f"rollout.n_samples={n}: must be >= 1")
         if any(len(p) == 0 for p in prompts):
@@ -201,7 +207,7 @@ class RolloutClient:
         stop = threading.Event()
         workers = min(len(chunks), len(self.servers) * self.config.max_inflight_per_server) or 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
-            futures = [pool.submit(self._run_chunk, c, results, deadline, stop) for c in chunks]
+            futures = [pool.submit(self._run_chunk, c, results, deadline, stop, accept_version) for c in chunks]
             done, _ = wait(futures, timeout=max(0.0, deadline - time.monotonic()) + 5, return_when=FIRST_EXCEPTION)
             stop.set()
             for f in futures:
@@ -260,7 +266,8 @@ class RolloutClient:
             "rid": [it.rid for it in items],
         }
 
-    def _run_chunk(self, chunk: list[_Item], results: dict, deadline: float, stop: threading.Event) -> None:
+    def _run_chunk(self, chunk: list[_Item], results: dict, deadline: float, stop: threading.Event,
+                   accept_version: Optional[Callable[[str], bool]] = None) -> None:
         pending = {it.rid: it for it in chunk}
         last_error: Optional[Exception] = None
         server: Optional[_Server] = None
@@ -279,9 +286,10 @@ class RolloutClient:
                 with self._lock:
                     self.stats["requests"] += 1
                 answer = server.client.generate(body, min(self.config.request_timeout_s, remaining))
-                aborted = self._collect(server.client.url, answer, pending, results, attempt + 1)
+                aborted = self._collect(server.client.url, answer, pending, results, attempt + 1, accept_version)
                 if aborted:
-                    error = RolloutError(f"{server.client.url}: {aborted} samples came back aborted")
+                    error = RolloutError(f"{server.client.url}: {aborted} samples came back aborted or from a "
+                                         "refused weight version")
             except ServerError as e:
                 error = e
             self._release(server, error)
@@ -303,8 +311,10 @@ class RolloutClient:
             log.warning("rollout: %s; retry %d/%d in %.2fs", error, attempt, self.config.max_retries, delay)
             stop.wait(delay)
 
-    def _collect(self, url: str, answer: Any, pending: dict, results: dict, attempts: int) -> int:
-        """Move finished samples of one answer into `results`; return how many came back aborted."""
+    def _collect(self, url: str, answer: Any, pending: dict, results: dict, attempts: int,
+                 accept_version: Optional[Callable[[str], bool]] = None) -> int:
+        """Move finished samples of one answer into `results`; return how many came back aborted (or stamped with
+        a weight version `accept_version` refuses)."""
         items = answer if isinstance(answer, list) else [answer]
         aborted = 0
         for obj in items:
@@ -318,6 +328,13 @@ class RolloutClient:
                 aborted += 1
                 with self._lock:
                     self.stats["aborted_samples"] += 1
+                continue
+            if accept_version is not None and not accept_version(version):
+                aborted += 1
+                with self._lock:
+                    self.stats["rejected_version"] += 1
+                log.warning("rollout: %s answered %s from weight version %r, which this rollout refuses; re-sending",
+                            url, rid, version)
                 continue
             with self._lock:
                 if rid in results:

@@ -55,6 +55,7 @@ CKPT_PREFIX = "step_"
 META = "dasd_meta.json"  # written last: its presence marks a complete checkpoint
 TEACHER_DIR = "teacher"
 HF_DIR = "hf"  # config.json + tokenizer of the trained model
+PENDING_ROLLOUTS = "pending_rollouts.json"  # batches an asynchronous run generated ahead (train.async_rollout)
 # The distributed optimizer's state format (megatron-core; Megatron-LM's default): one sharded tensor per DP-local
 # buffer, saved and loaded with no gather. Its default ('fully_sharded_model_space') cannot be saved by
 # megatron-core 0.16 ("ShardedTensor.flattened_range is not supported"). A resume may change the DP size, not TP/PP.
@@ -102,11 +103,12 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict, keep_last: int = 2,
-                             teacher=None, hf_dir: str | None = None) -> str:
+                             teacher=None, hf_dir: str | None = None, extra_files: dict | None = None) -> str:
     """Save model (any layout can load it), optimizer (sharded; see OPTIM_METADATA), every rank's RNG and the loop `state` (JSON:
     step, data position, ...) as `root/step_XXXXXXXX`, atomically. A separate `teacher` model (train.teacher=frozen
     or ema) goes into its own distributed checkpoint in the `teacher` subfolder. `hf_dir`'s config and tokenizer
     files are copied into `hf/`, so the checkpoint exports and serves on its own (`dasd export`, `dasd eval`).
+    `extra_files` ({name: text}, rank 0's) are written into the checkpoint folder before its metadata.
 
     All ranks write into a temporary sibling folder; after a barrier rank 0 writes the metadata (the completion
     marker) and renames the folder into place. A crash at any point leaves either the previous checkpoints intact
@@ -138,6 +140,9 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
     if rank == 0:
         if hf_dir is not None:
             copy_aux_files(hf_dir, os.path.join(tmp, HF_DIR))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(dict(state, step=step, world_size=dist.get_world_size()), f, indent=2)
         if os.path.exists(final):
@@ -200,8 +205,8 @@ def _restore_adam_step(optimizer, steps: dict) -> None:
 
 
 def load_training_checkpoint(root: str, model, optimizer, step: int | None = None, teacher=None) -> dict | None:
-    """Restore the newest (or the given) complete checkpoint under `root`; returns its loop state, or None when
-    there is none. RNG states are restored per rank when the world size is unchanged. `teacher` (a separate teacher
+    """Restore the newest (or the given) complete checkpoint under `root`; returns its loop state (with
+    `checkpoint_dir`, the folder it came from), or None when there is none. RNG states are restored per rank when the world size is unchanged. `teacher` (a separate teacher
     model) is restored from the checkpoint's `teacher` subfolder, which must exist."""
     from megatron.core import dist_checkpointing
 
@@ -233,6 +238,7 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
         load_model(teacher, tdir)
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
+    meta["checkpoint_dir"] = path
     rng = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")
     if meta.get("world_size") == dist.get_world_size() and os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))

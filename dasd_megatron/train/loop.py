@@ -3,6 +3,10 @@
     generate -> reward -> select groups (dynamic sampling) -> teacher prompts -> advantages -> DASD step (score,
     train, optimizer) -> sync -> evaluate -> log -> checkpoint
 
+With `rollout.max_staleness = k >= 1` the first three phases run ahead on rank 0's producer thread
+(`dasd_megatron.train.async_rollout`): step s trains on the batch the weights of step max(0, s - k) generated while
+the trainer trained the steps before, and the sync waits only for the batch in progress (bounded staleness).
+
 A step's scored prompts are `ScoredGroup`s; which of them the step trains on is decided by the pure
 `select_groups` / `collect_groups` (dynamic sampling, DAPO-style: groups whose rewards are all equal are dropped and
 fresh prompts drawn until the batch is full).
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -46,8 +51,10 @@ from dasd_megatron.packing import balanced_dp_split
 from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
 from dasd_megatron.preflight import preflight
 from dasd_megatron.reward import RewardResult, RewardScorer
+from dasd_megatron.train.async_rollout import (ProducedBatch, RolloutProducer, pending_from_json, pending_to_json,
+                                               staleness_metrics, version_label, version_number)
 from dasd_megatron.train.batch import Rollout
-from dasd_megatron.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from dasd_megatron.train.checkpoint import PENDING_ROLLOUTS, load_training_checkpoint, save_training_checkpoint
 from dasd_megatron.train.config import TrainConfig
 from dasd_megatron.train.dasd_step import DASDStep
 from dasd_megatron.train.engine import build_optimizer, wrap_ddp
@@ -219,6 +226,12 @@ class Trainer:
         self.client = None
         self.sync = None
         self.logger = None
+        #: rank 0, max_staleness >= 1: the thread that generates the next steps' batches
+        self.producer: RolloutProducer | None = None
+        #: rank 0: finished batches restored from a checkpoint, trained before any new one
+        self.pending: list[ProducedBatch] = []
+        #: rank 0: the tokenizer and the reward pool are shared by the producer thread and the evaluation
+        self._rank0_lock = threading.RLock()
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -239,6 +252,10 @@ class Trainer:
         else:
             self.step = int(meta["step"])
             self.prompts.load_state_dict(meta["prompts"])
+            pending = os.path.join(meta["checkpoint_dir"], PENDING_ROLLOUTS)
+            if self.ctx.is_logging_rank and os.path.exists(pending):  # batches an async run had generated ahead
+                with open(pending) as f:
+                    self.pending = pending_from_json(json.load(f), ScoredGroup)
         if self.ctx.is_logging_rank:
             os.makedirs(cfg.run_dir, exist_ok=True)
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
@@ -268,10 +285,15 @@ class Trainer:
             os.makedirs(os.path.join(self.cfg.run_dir, "logs"), exist_ok=True)
             self.servers = ServerManager(ManagerConfig(servers=servers)).start()
             urls = self.servers.urls
-        self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s))
+        # a server that fails is checked (and restarted by the manager) at once; its requests are re-sent
+        self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s),
+                                    on_server_error=None if self.servers is None else self.servers.report_failure)
         clients = [ServerClient(u, HttpClient()) for u in urls]
         if r.transport == "disk":
-            transport = DiskTransport(os.path.join(self.cfg.run_dir, "weights"), base_model_path=self.cfg.model.hf_config)
+            # the folders of every version a batch not yet trained may come from stay on disk (k + 1 of them, and
+            # the newest): a restarted server loads the newest, and samples can be checked against their own weights
+            transport = DiskTransport(os.path.join(self.cfg.run_dir, "weights"), base_model_path=self.cfg.model.hf_config,
+                                      keep=2 + r.max_staleness)
         elif r.transport == "tensor":
             transport = TensorTransport()
         else:
@@ -319,33 +341,42 @@ class Trainer:
             seed=None if r.seed is None else r.seed + seed_offset,
         )
 
-    def generate(self, examples=None, round_: int = 0):
-        """Rank 0: G samples for each of `examples` (default: the next `prompts_per_step` prompts)."""
+    def generate(self, examples=None, round_: int = 0, index: int | None = None, version: int | None = None):
+        """Rank 0: G samples for each of `examples` (default: the next `prompts_per_step` prompts) for the batch of
+        step `index` (default: this step; it seeds the sampling), generated by weight version `version` (default:
+        this step's): once the servers were synced, samples stamped with any other version are re-sent."""
         cfg = self.cfg
+        index = self.step if index is None else index
+        version = self.step if version is None else version
         if examples is None:
             examples = self.prompts.next_batch(cfg.train.prompts_per_step)
-        prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
+        with self._rank0_lock:
+            prompt_ids = [student_prompt(self.tokenizer, ex, cfg.data.prompt)[1] for ex in examples]
         sampling = self._sampling(cfg.train.max_response_tokens, cfg.rollout.temperature,
-                                  self.step + RESAMPLE_ROUND_SEED_STRIDE * round_)
-        batch_id = f"step{self.step}" + (f"r{round_}" if round_ else "")
+                                  index + RESAMPLE_ROUND_SEED_STRIDE * round_)
+        batch_id = f"step{index}" + (f"r{round_}" if round_ else "")
+        # before this process's first sync the servers announce their own label for the weights they started with
+        accept = None if self.sync.version is None else (lambda label: version_number(label) == version)
         groups = self.client.generate(prompt_ids, n=cfg.train.samples_per_prompt, sampling=sampling,
-                                      batch_id=batch_id)
+                                      batch_id=batch_id, accept_version=accept)
         return examples, prompt_ids, groups
 
     def reward(self, examples, groups):
         """Rank 0: math-verify rewards for every sample (process pool, parent-enforced deadline)."""
         texts, golds = [], []
-        for ex, group in zip(examples, groups):
-            for s in group:
-                texts.append(self.tokenizer.decode(list(s.output_ids), skip_special_tokens=True))
-                golds.append(ex.answer)
-        results = self.scorer.score(texts, golds)
+        with self._rank0_lock:
+            for ex, group in zip(examples, groups):
+                for s in group:
+                    texts.append(self.tokenizer.decode(list(s.output_ids), skip_special_tokens=True))
+                    golds.append(ex.answer)
+            results = self.scorer.score(texts, golds)
         return texts, results
 
-    def score_round(self, round_: int) -> tuple[list[ScoredGroup], float]:
-        """Rank 0: round `round_` of this step: the next `prompts_per_step` prompts, their G samples, decoded and
-        scored; and the seconds the scoring took."""
-        examples, prompt_ids, groups = self.generate(round_=round_)
+    def score_round(self, round_: int, index: int | None = None, version: int | None = None
+                    ) -> tuple[list[ScoredGroup], float]:
+        """Rank 0: round `round_` of step `index`'s batch (default: this step): the next `prompts_per_step` prompts,
+        their G samples (by weight version `version`), decoded and scored; and the seconds the scoring took."""
+        examples, prompt_ids, groups = self.generate(round_=round_, index=index, version=version)
         t0 = time.perf_counter()
         texts, results = self.reward(examples, groups)
         reward_s = time.perf_counter() - t0
@@ -358,6 +389,41 @@ class Trainer:
         sampling's rounds) and their metrics (`timing/reward_s`, and `rollout/ds_*` under dynamic sampling)."""
         selection = collect_groups(self.score_round, self.cfg.train)
         return selection.batch, selection.metrics()
+
+    def produce(self, index: int, version: int) -> tuple[list[ScoredGroup], dict, dict]:
+        """Rank 0, the producer thread: step `index`'s scored groups generated by weight version `version`, their
+        metrics, and the prompt position after them (`RolloutProducer`'s `produce`)."""
+        selection = collect_groups(lambda r: self.score_round(r, index=index, version=version), self.cfg.train)
+        return selection.batch, selection.metrics(), self.prompts.state_dict()
+
+    def next_batch(self) -> tuple[list[ScoredGroup], dict, dict]:
+        """Rank 0: this step's scored groups, their metrics (`timing/*`, `rollout/ds_*`) and the prompt position
+        after them: a batch restored from a checkpoint, else the producer's (max_staleness >= 1; `timing/rollout_s`
+        is then the batch's generation time in the background, `timing/rollout_wait_s` how long the trainer
+        waited for it), else collected now."""
+        t0 = time.perf_counter()
+        if self.pending or self.producer is not None:
+            made = self.pending.pop(0) if self.pending else self.producer.take(self.step)
+            if made.index != self.step:
+                raise RuntimeError(f"step {self.step} got the batch of step {made.index}")
+            stats = dict(made.stats)
+            stats["timing/rollout_wait_s"] = time.perf_counter() - t0
+            stats["timing/rollout_s"] = max(0.0, made.finished - made.started - stats.get("timing/reward_s", 0.0))
+            return made.groups, stats, made.prompt_state
+        batch, stats = self.collect()
+        stats["timing/rollout_s"] = time.perf_counter() - t0 - stats["timing/reward_s"]
+        return batch, stats, self.prompts.state_dict()
+
+    def start_producer(self) -> None:
+        """Rank 0, max_staleness >= 1: start generating ahead, from the batch after the restored ones, under the
+        weights on the servers now (this step's)."""
+        k = self.cfg.rollout.max_staleness
+        if k < 1 or not self.ctx.is_logging_rank or self.step >= self.cfg.train.steps:
+            return
+        self.producer = RolloutProducer(self.produce, max_staleness=k, total=self.cfg.train.steps,
+                                        first_index=self.step + len(self.pending), synced=self.step,
+                                        ready=self.pending).start()
+        self.pending = []
 
     def build_rollouts(self, batch: Sequence[ScoredGroup]) -> list[Rollout]:
         """Rank 0: rollouts with teacher prompts (reference solution, else a verified sibling, else the answer);
@@ -406,7 +472,10 @@ class Trainer:
             dist.barrier()
         buckets = iter_hf_weight_buckets(self.model, self.arch)
         if self.ctx.is_logging_rank:
-            report = self.sync.sync(buckets, version=f"step{self.step}", resume_memory=resume_memory)
+            version = version_label(self.step)
+            report = self.sync.sync(buckets, version=version, resume_memory=resume_memory)
+            if self.servers is not None and isinstance(self.sync.transport, DiskTransport):
+                self.servers.set_weights(self.sync.transport.last_path, version)  # what a restarted server loads
             return report.metrics()
         drain(buckets)
         return {}
@@ -417,8 +486,13 @@ class Trainer:
                       "params_dtype": cfg.precision.params_dtype,
                       "layout": {"tensor": self.ctx.tp, "pipeline": self.ctx.pp, "context": self.ctx.cp,
                                  "data": self.ctx.dp}}
+        # max_staleness >= 1: the batches generated ahead are stored, and the prompt position is the one after them
+        # (a batch still in progress is regenerated on resume: the checkpoint's weights are the ones generating it)
+        pending = self.producer.pending() if self.producer is not None else self.pending
+        prompts = self.producer.resume_state() if self.producer is not None else self.prompts.state_dict()
+        extra = {PENDING_ROLLOUTS: json.dumps(pending_to_json(pending))} if pending else {}
         save_training_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                 {"prompts": self.prompts.state_dict(), "model": model_meta},
+                                 {"prompts": prompts, "model": model_meta}, extra_files=extra,
                                  keep_last=cfg.train.keep_last_checkpoints,
                                  teacher=None if self.teacher is None else self.teacher.model,
                                  hf_dir=cfg.model.hf_config)
@@ -456,6 +530,21 @@ class Trainer:
             "timing/eval_s": time.perf_counter() - t0,
         }
 
+    def _save_rollouts(self, rollouts: Sequence[Rollout]) -> None:
+        """Rank 0, `train.save_rollouts`: the step's trained rollouts in `rollouts/step_XXXXXXXX.jsonl` (numbered
+        like its metrics; a resumed run rewrites the steps it redoes)."""
+        if not self.cfg.train.save_rollouts:
+            return
+        folder = os.path.join(self.cfg.run_dir, "rollouts")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step_{self.step:08d}.jsonl")
+        with open(path + ".tmp", "w") as f:
+            for r in rollouts:
+                f.write(json.dumps({"group": r.group, "reward": r.reward, "weight_version": r.weight_version,
+                                    "prompt_ids": list(r.prompt_ids), "response_ids": list(r.response_ids),
+                                    "rollout_logprobs": list(r.rollout_logprobs)}) + "\n")
+        os.replace(path + ".tmp", path)
+
     def _log_samples(self, batch: Sequence[ScoredGroup]) -> None:
         """Rank 0: the first group of the step just taken (problem, gold, responses, rewards), appended to
         samples.jsonl under the step number its metrics carry."""
@@ -488,6 +577,7 @@ class Trainer:
                 console.print(f"step 0 | eval accuracy {base['eval/accuracy']:.1%} on "
                               f"{base['eval/num_problems']} problems | {base['timing/eval_s']:.1f}s",
                               soft_wrap=True, highlight=False)
+            self.start_producer()
             while self.step < cfg.train.steps:
                 history.append(self.train_one_step(console))
                 progress.update(task, advance=1)
@@ -503,13 +593,13 @@ class Trainer:
         metrics: dict = {}
         payload = None
         if self.ctx.is_logging_rank:
-            batch, collect_stats = self.collect()
-            t1 = time.perf_counter()
+            batch, collect_stats, prompt_state = self.next_batch()
             rollouts = self.build_rollouts(batch)
             metrics.update(rollout_metrics(rollouts, batch))
+            metrics.update(staleness_metrics([version_number(r.weight_version) for r in rollouts], self.step,
+                                             cfg.rollout.max_staleness))
             metrics.update(collect_stats)
-            metrics["timing/rollout_s"] = t1 - t0 - collect_stats["timing/reward_s"]
-            payload = (rollouts, self.prompts.state_dict())
+            payload = (rollouts, prompt_state)
             metrics.update(self.release_rollout_memory())  # before any rank starts training on the GPUs
         rollouts, prompt_state = _broadcast_object(payload)
         # rank 0 drew the prompts (a variable number under dynamic sampling): every rank takes its position
@@ -520,9 +610,15 @@ class Trainer:
         metrics.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
         metrics["timing/train_s"] = time.perf_counter() - t2
         self.step += 1
+        if self.producer is not None:  # the batches the outgoing weights generate must be done first
+            t3 = time.perf_counter()
+            self.producer.wait_before_sync(self.step)
+            metrics["timing/sync_wait_s"] = time.perf_counter() - t3
         t3 = time.perf_counter()
         metrics.update(self.sync_weights(resume_memory=cfg.rollout.colocated))
         metrics["timing/sync_s"] = time.perf_counter() - t3
+        if self.producer is not None:
+            self.producer.synced(self.step)
         if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0
                                         or self.step == cfg.train.steps) and self.ctx.is_logging_rank:
             metrics.update(self.evaluate())
@@ -530,6 +626,7 @@ class Trainer:
         if self.ctx.is_logging_rank:
             self.logger.log(self.step, metrics)
             self._log_samples(batch)
+            self._save_rollouts(rollouts)
             console.print(self.logger.console_line(self.step, metrics), soft_wrap=True, highlight=False)
         if cfg.train.checkpoint_interval and (self.step % cfg.train.checkpoint_interval == 0
                                               or self.step == cfg.train.steps):
@@ -550,6 +647,9 @@ class Trainer:
         bounded by `DistributedTransport.close_timeout_s`, then ours), the reward pool, the servers, the log, the
         parallel state. Every part is closed even when an earlier one fails (logged: the run's own error, if
         any, is the one raised)."""
+        if self.producer is not None:
+            self.producer.close()
+            self.producer = None
         parts = (("weight sync", self.sync, "close"), ("reward scorer", self.scorer, "close"),
                  ("rollout servers", self.servers, "stop"), ("metrics log", self.logger, "close"))
         for what, obj, method in parts:
