@@ -15,7 +15,11 @@ METHOD.md gives no batch sizes, lengths, learning rate or step counts; ours, sha
   same budget: the trainer packs teacher sequences with it);
 * AdamW lr 1e-6, weight decay 0.1, 10 warm-up steps, grad clip 1.0 (DAPO's values);
 * rollout temperature 1.0 for training (loss.temperature must equal it); METHOD.md's 0.6 / top-p 0.95 is for eval;
-* evaluation and checkpoints every 25 steps.
+* evaluation and checkpoints every 25 steps;
+* rollouts by placement: servers on their own nodes (the 8B recipe) generate the next batch while the trainer trains
+  (`rollout.max_staleness=1`: samples one policy version old, corrected by the truncated IS weight); colocated
+  servers (1.7B, 4B) release their GPU memory while the trainer holds the GPUs, so they cannot generate then and run
+  synchronously (`rollout.max_staleness=0`).
 
 Layouts (ours): all trainer layouts use sequence parallelism with TP and the distributed optimizer; FP8 is
 E4M3/E5M2 'hybrid' with delayed scaling through the TE layer spec.
@@ -63,7 +67,8 @@ def _qwen3(name: str, hub_id: str, method: str, precision: str, parallel: Parall
                           max_response_tokens=8192, micro_batch_tokens=SEQ_LENGTH, teacher="current", updates_per_batch=2,
                           eval_interval=0, checkpoint_interval=25, keep_last_checkpoints=2),  # eval: `dasd eval` on checkpoints
         data=DataConfig(source=DAPO_MATH_17K, schema="dapo"),
-        rollout=RolloutConfig(colocated=placement.colocated),  # servers on the trainer's GPUs: release while training
+        # colocated servers release their memory while training (synchronous); separate ones generate meanwhile
+        rollout=RolloutConfig(colocated=placement.colocated, max_staleness=0 if placement.colocated else 1),
         run_dir=f"runs/{name}",
     )
     summary = doc.strip().splitlines()[0]
@@ -101,7 +106,8 @@ def qwen3_8b_2node_2rollout_h100(method: str = "dasd", precision: str = "bf16") 
     """Qwen3-8B on two 8-GPU H100 trainer nodes plus two 8-GPU H100 rollout nodes (a heterogeneous SLURM job).
 
     Trainer: TP 4 (+SP) x CP 2 x DP 2 = 16 GPUs. Servers: 4 per rollout node (8 in all), TP 2 each,
-    mem-fraction 0.85; weights are broadcast to them over NCCL after every step.
+    mem-fraction 0.85; weights are broadcast to them over NCCL after every step. Rollouts are asynchronous
+    (`rollout.max_staleness=1`): the rollout nodes generate batch s+1 while the trainer nodes train batch s.
     """
     return _qwen3(f"qwen3_8b_{method}_2node_2rollout_h100_{precision}", QWEN3_8B, method, precision,
                   ParallelConfig(tensor=4, context=2, sequence_parallel=True, use_distributed_optimizer=True),

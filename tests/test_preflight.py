@@ -185,3 +185,17 @@ def test_fused_triton_kernels_need_a_cuda_job(tmp_path):
     check_recipe(gpu, job="smoke")  # submitted from this CPU host: the job's CUDA decides, not this host's
     r, _ = _dasd("validate", "--world-size", "1", "model.fused_kernels=triton", f"run_dir={tmp_path / 'run'}")
     assert _one_line(r).startswith("dasd: config error: model.fused_kernels='triton'")
+
+
+def test_async_rollouts_are_refused_for_colocated_servers(tmp_path):
+    """Colocated servers release their memory while the trainer trains, so they cannot generate ahead: a colocated
+    recipe with `rollout.max_staleness=1` fails `dasd submit --dryrun` in one line naming the field and the fix,
+    and the separate-rollout-node recipe ships with it."""
+    r, _ = _dasd("submit", "--recipe", "qwen3_1p7b_dasd_1node_h100_bf16", "--dryrun", "rollout.max_staleness=1",
+                 f"run_dir={tmp_path / 'run'}")
+    line = _one_line(r)
+    assert line.startswith("dasd: config error: rollout.max_staleness=1: colocated servers") and "Fix:" in line
+    assert resolve_recipe("qwen3_8b_dasd_2node_2rollout_h100_bf16", []).config.rollout.max_staleness == 1
+    assert resolve_recipe("qwen3_4b_dasd_2node_h100_bf16", []).config.rollout.max_staleness == 0
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=-1: must be an integer >= 0"):
+        cfg("rollout.max_staleness=-1")

@@ -14,7 +14,8 @@ from dasd_megatron.eval.markers import MARKER_REGEX, epistemic_marker_density
 from dasd_megatron.train.metrics_log import MetricsLogger
 from dasd_megatron.train.run_report import add_report_parser, build_report, load_metrics, trend
 
-ALL_PLOTS = {"reward", "loss", "entropy", "omega_deciles", "router", "kl", "response_length", "markers", "timing"}
+ALL_PLOTS = {"reward", "loss", "entropy", "omega_deciles", "router", "kl", "response_length", "markers", "offpolicy",
+             "timing"}
 
 
 def _synthetic_run(run_dir, steps: int = 30, *, full: bool = True) -> None:
@@ -33,7 +34,9 @@ def _synthetic_run(run_dir, steps: int = 30, *, full: bool = True) -> None:
                           "rollout/response_length_mean": 400 + 200 * f,
                           "rollout/epistemic_marker_density": 3.5 + f,
                           "timing/rollout_s": 6.0, "timing/train_s": 4.0, "timing/sync_s": 0.5,
-                          "timing/step_s": 10.6, "throughput/tokens_per_s": 4000 + 500 * f})
+                          "timing/step_s": 10.6, "throughput/tokens_per_s": 4000 + 500 * f,
+                          "rollout/staleness_mean": 1.0, "loss/is_weight_mean": 1.0 - 0.05 * f,
+                          "rollout/mismatch_kl_k3": 1e-3 * (1 + f)})
                 for k in range(10):
                     m[f"router/omega_mean_decile_{k}"] = math.tanh((7.5 - k) / 2) * (0.3 + 0.5 * f)
                     m[f"router/entropy_mean_decile_{k}"] = 0.05 * (k + 1) ** 1.5

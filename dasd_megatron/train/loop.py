@@ -431,7 +431,8 @@ class Trainer:
         out = []
         for g, sg in enumerate(batch):
             sibling = next((t for t, rr in zip(sg.texts, sg.results) if rr.status == "correct"), None)
-            pair = build_prompt_pair(self.tokenizer, sg.example, self.cfg.data.prompt, sibling=sibling)
+            with self._rank0_lock:  # the producer thread encodes with the same tokenizer
+                pair = build_prompt_pair(self.tokenizer, sg.example, self.cfg.data.prompt, sibling=sibling)
             for s, rr in zip(sg.samples, sg.results):
                 if not s.output_ids:
                     continue
@@ -513,7 +514,8 @@ class Trainer:
         training rollouts. Metrics under `eval/`."""
         t = self.cfg.train
         t0 = time.perf_counter()
-        prompt_ids = [student_prompt(self.tokenizer, ex, self.cfg.data.prompt)[1] for ex in self.eval_examples]
+        with self._rank0_lock:
+            prompt_ids = [student_prompt(self.tokenizer, ex, self.cfg.data.prompt)[1] for ex in self.eval_examples]
         greedy = t.eval_temperature == 0
         sampling = self._sampling(t.max_response_tokens, t.eval_temperature, EVAL_SEED_OFFSET + self.step,
                                   top_p=1.0 if greedy else None, top_k=-1 if greedy else None)

@@ -16,7 +16,11 @@ path (so the folder can be copied or viewed anywhere):
 | `kl.png`            | `loss/kl` (and `loss/forward_kl`)                                                           |
 | `response_length.png` | `rollout/response_length_mean`                                                            |
 | `markers.png`       | `rollout/epistemic_marker_density` (`dasd_megatron.eval.markers.epistemic_marker_density`)  |
-| `timing.png`        | stacked `timing/*` phases with `timing/step_s` on top; `throughput/tokens_per_s` below      |
+| `offpolicy.png`     | `rollout/staleness_mean` (asynchronous rollouts), `loss/is_weight_mean`,                    |
+|                     | `rollout/mismatch_kl_k3`: how far the samples are from the trained policy, and the IS weight|
+| `timing.png`        | stacked `timing/*` phases with `timing/step_s` on top (an asynchronous run stacks the       |
+|                     | trainer's own phases: generation ran in the background, the wait for it is stacked);        |
+|                     | `throughput/tokens_per_s` below                                                             |
 
 Curves show the raw values thin and a moving average (window = steps/10) thick. A metric that is absent (or never
 finite) is skipped with a note in `report.md`, never an error. The summary table gives, per metric, the first and
@@ -360,6 +364,8 @@ _TIMING_ORDER = ("timing/rollout_s", "timing/reward_s", "timing/score_s", "timin
 def plot_timing(m: Metrics):
     keys = sorted({k for r in m.records for k in r if k.startswith("timing/")})
     keys = [k for k in keys if m.has(k)]
+    if "timing/rollout_wait_s" in keys:  # asynchronous rollouts: generation and rewards overlapped the step
+        keys = [k for k in keys if k not in ("timing/rollout_s", "timing/reward_s")]
     phases = [k for k in _TIMING_ORDER if k in keys] + [k for k in keys if k not in _TIMING_ORDER
                                                         and k != "timing/step_s"]
     has_step = "timing/step_s" in keys
@@ -409,6 +415,9 @@ PLOTS: tuple[tuple[str, str, Callable], ...] = (
                                                    "tokens")),
     ("markers", "Epistemic-marker density",
      _simple("epistemic markers per response", [("rollout/epistemic_marker_density",)], "markers / response")),
+    ("offpolicy", "Off-policy: staleness, IS weight, mismatch",
+     _simple("samples vs the trained policy", [("rollout/staleness_mean",), ("loss/is_weight_mean",),
+                                               ("rollout/mismatch_kl_k3",)])),
     ("timing", "Timing", plot_timing),
 )
 
