@@ -16,7 +16,7 @@
 #   dasd_step    bench/dasd_step.py --rollouts 32 --steps 2 --baseline --profile --json ..., the single-pass full and
 #                sampled variants, each also on the landed baseline path (GPU_CHECK_DASD_ARGS replaces the arguments;
 #                its --json file is rewritten after every variant, so a part cut short keeps what it measured)
-#   kernels      bench/kernels.py (--json when it takes it; "missing" when the file is not there)
+#   kernels      bench/fused_kernels.py (--json when it takes it; "missing" when the file is not there)
 #   loss         bench/loss.py --device cuda --tokens 16384 --vocab 151936 --dtype bf16 --compile --repeats 3
 #   train_setup  a tiny random Qwen3 HF folder with a tokenizer and a JSONL of sums (tests/hf_fixtures.py)
 #   train        dasd train --nproc 1, 3 steps, bf16, a checkpoint every step, the built-in rollout server (CPU)
@@ -167,14 +167,14 @@ if [[ "$NO_GPU" == 0 ]]; then
     run_part dasd_step 170 json "$OUT_DIR/dasd_step.json" \
         "$PY" bench/dasd_step.py "${DASD_ARGS[@]}" --json "$OUT_DIR/dasd_step.json"
 
-    if [[ -f bench/kernels.py ]]; then
-        if timeout -k 5 30 "$PY" bench/kernels.py --help 2>/dev/null | grep -q -- "--json"; then
-            run_part kernels 50 json "$OUT_DIR/kernels.json" "$PY" bench/kernels.py --json "$OUT_DIR/kernels.json"
+    if [[ -f bench/fused_kernels.py ]]; then
+        if timeout -k 5 30 "$PY" bench/fused_kernels.py --help 2>/dev/null | grep -q -- "--json"; then
+            run_part kernels 50 json "$OUT_DIR/kernels.json" "$PY" bench/fused_kernels.py --json "$OUT_DIR/kernels.json"
         else
-            run_part kernels 50 json "" "$PY" bench/kernels.py
+            run_part kernels 50 json "" "$PY" bench/fused_kernels.py
         fi
     else
-        missing_part kernels "bench/kernels.py is not in this tree"
+        missing_part kernels "bench/fused_kernels.py is not in this tree"
     fi
 
     run_part loss 75 json "" "$PY" bench/loss.py "${LOSS_ARGS[@]}"

@@ -5,6 +5,8 @@
     dasd validate --world-size N [key=value ...]         check a config against a world size, start nothing
     dasd eval --model M --output DIR [--data D] [...]    Avg@n / Pass@k on the six DASD benchmarks or your own set
     dasd eval-report RUN_A [RUN_B]                       Markdown + Pass@k plots, side by side
+    dasd sweep --recipes R1,R2 --seeds 3 --out DIR      every recipe x seed, locally or on SLURM; resumable
+    dasd sweep-report DIR                                per-method means and 95% CIs across seeds, plots
     dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
     dasd export RUN_DIR [--step N] [--out DIR] [--teacher]   the trained policy (or teacher) as a HF folder
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
@@ -35,6 +37,7 @@ from dasd_megatron.model.convert import export_summary, run_export
 from dasd_megatron.model.hf_config import tiny_config
 from dasd_megatron.model.hf_mapping import ConversionError
 from dasd_megatron.model.pretrained import resolve_pretrained
+from dasd_megatron.sweep.cli import add_sweep_parsers
 from dasd_megatron.preflight import preflight
 from dasd_megatron.testing.distributed import free_port
 from dasd_megatron.train.metrics_log import read_metrics_jsonl
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parser(sub)
     add_report_parser(sub)
     add_eval_parsers(sub)
+    add_sweep_parsers(sub)
     return p
 
 

@@ -27,12 +27,14 @@ from dasd_megatron.launch.spec import Recipe
 from dasd_megatron.model.pretrained import SMOLLM2_135M_INSTRUCT
 from dasd_megatron.reward import RewardConfig
 from dasd_megatron.train.config import OptimConfig, RolloutConfig, TrainConfig
-from recipes.methods import METHODS, loss_for
+from recipes.methods import ABLATIONS, METHODS, loss_for
 from recipes.registry import register
 from recipes.tiny import cpu_recipe
 
 EASY_ARITHMETIC = str(Path(__file__).resolve().parent / "data" / "easy_arithmetic.jsonl")
 EASY_ARITHMETIC_EVAL = str(Path(__file__).resolve().parent / "data" / "easy_arithmetic_eval.jsonl")
+EASY_ARITHMETIC_STUDY = str(Path(__file__).resolve().parent / "data" / "easy_arithmetic_study.jsonl")
+"""The method study's held-out set (`dasd_megatron.data.synthetic.study_split`): `dasd sweep`'s default evaluation."""
 TEMPERATURE = 0.7
 
 
@@ -57,5 +59,5 @@ def smollm2_135m_cpu(method: str = "dasd") -> Recipe:
     return cpu_recipe(name, config, smollm2_135m_cpu.__doc__, method)
 
 
-for _method in METHODS:
+for _method in METHODS + ABLATIONS:
     register(f"smollm2_135m_{_method}_cpu", partial(smollm2_135m_cpu, _method))

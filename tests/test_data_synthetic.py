@@ -9,8 +9,8 @@ import re
 import pytest
 
 from dasd_megatron.data import DataConfig, load_math_dataset
-from dasd_megatron.data.synthetic import easy_arithmetic
-from recipes.smollm2 import EASY_ARITHMETIC, EASY_ARITHMETIC_EVAL
+from dasd_megatron.data.synthetic import KINDS, easy_arithmetic, kind_of, study_split
+from recipes.smollm2 import EASY_ARITHMETIC, EASY_ARITHMETIC_EVAL, EASY_ARITHMETIC_STUDY
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _Q = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
@@ -45,3 +45,26 @@ def test_loads_as_gsm8k_with_answer_and_worked_line():
     a, op, b = _Q.match(ex.problem).groups()
     value = _OPS[op](int(a), int(b))
     assert ex.answer == str(value) and ex.solution == f"{a} {op} {b} = {value}"
+
+
+def test_study_split_is_fresh_distinct_and_shipped():
+    """The method study's held-out set: drawn with its own seed, no repeated question, none of the main job's
+    evaluation questions (they chose its learning rate and step count), every kind present; the shipped file is the
+    generator's output."""
+    with open(EASY_ARITHMETIC_EVAL) as f:
+        eval_questions = {json.loads(line)["question"] for line in f}
+    with open(EASY_ARITHMETIC_STUDY) as f:
+        shipped = [json.loads(line) for line in f]
+    assert shipped == study_split(eval_questions), (f"{EASY_ARITHMETIC_STUDY} is stale. Fix: python -m "
+                                                    f"dasd_megatron.data.synthetic {EASY_ARITHMETIC_STUDY} --study "
+                                                    f"{EASY_ARITHMETIC_EVAL}")
+    questions = [r["question"] for r in shipped]
+    assert len(set(questions)) == len(questions) > 200 and not set(questions) & eval_questions
+    assert {kind_of(q) for q in questions} == set(KINDS)
+
+
+@pytest.mark.parametrize("question, kind", [("What is 3 + 4?", "add_1d"), ("What is 23 + 4?", "add_2d1d"),
+                                            ("What is 23 - 4?", "sub_2d1d"), ("What is 3 * 4?", "mul_1d"),
+                                            ("What is 23 * 4?", None), ("How many apples?", None)])
+def test_kind_of(question, kind):
+    assert kind_of(question) == kind

@@ -3,6 +3,7 @@ the shipped model shapes and the method table hold what they claim."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -107,6 +108,10 @@ def test_methods_are_the_paper_special_cases():
     # the baselines share the PPO machinery with DASD
     for cfg in (grpo, opsd):
         assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.is_cap) == (dasd.clip_eps_low, dasd.clip_eps_high, dasd.is_cap)
+    # the method study's ablations: DASD with one router choice changed, everything else equal
+    hard, nogate = loss_for("dasd_hard"), loss_for("dasd_nogate")
+    assert hard == dataclasses.replace(dasd, router_mode="hard") and nogate == dataclasses.replace(dasd, router_gate=False)
+    assert {"smollm2_135m_dasd_hard_cpu", "smollm2_135m_dasd_nogate_cpu"} <= set(ALL)
     with pytest.raises(ConfigError, match="unknown training method"):
         loss_for("ppo")
 

@@ -13,6 +13,12 @@ The shipped files are `python -m dasd_megatron.data.synthetic recipes/data/easy_
 seed 0: training) and `... recipes/data/easy_arithmetic_eval.jsonl --n 128 --seed 1` (evaluation: the same
 distribution, drawn apart; with so few one-digit problems some also occur in training); a test checks that they
 stay equal to the generator's output.
+
+The method study's held-out set (`dasd sweep`, docs/method_study.md) is `study_split()`: 400 rows drawn with seed
+2026 (used for nothing else), repeated questions and every question of the main job's evaluation file removed (that
+file chose the main job's learning rate and step count, so it is not a fair test of them): shipped as
+`recipes/data/easy_arithmetic_study.jsonl` (`python -m dasd_megatron.data.synthetic OUT --study EVAL_FILE`). `kind_of`
+names a question's kind, for accuracy by kind.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
+from typing import Iterable, Optional
 
 KINDS = ("add_1d", "add_2d1d", "sub_2d1d", "mul_1d")
 
@@ -34,6 +42,40 @@ def _draw(kind: str, rng: random.Random) -> tuple[int, str, int]:
     if kind == "mul_1d":
         return rng.randint(2, 9), "*", rng.randint(2, 9)
     raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
+
+
+_QUESTION = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
+STUDY_SEED = 2026
+STUDY_DRAWN = 400
+
+
+def kind_of(question: str) -> Optional[str]:
+    """The kind (one of `KINDS`) of an easy-arithmetic question, None for any other text."""
+    m = _QUESTION.match(question.strip())
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    if op == "*" and a < 10 and b < 10:
+        return "mul_1d"
+    if op == "+" and a < 10 and b < 10:
+        return "add_1d"
+    if op == "+" and 10 <= a < 100 and b < 10:
+        return "add_2d1d"
+    if op == "-" and 10 <= a < 100 and b < 10:
+        return "sub_2d1d"
+    return None
+
+
+def study_split(exclude_questions: Iterable[str], n: int = STUDY_DRAWN, seed: int = STUDY_SEED) -> list[dict]:
+    """The method study's held-out rows: `easy_arithmetic(n, seed)` without repeated questions and without
+    `exclude_questions` (the main job's evaluation set)."""
+    seen = set(exclude_questions)
+    out = []
+    for row in easy_arithmetic(n, seed):
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            out.append(row)
+    return out
 
 
 def _value(a: int, op: str, b: int) -> int:
@@ -65,9 +107,16 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the .jsonl file to write")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--study", metavar="EVAL_JSONL", help="write the method study's split instead (`study_split`), "
+                                                         "without the questions of this evaluation file")
     a = p.parse_args(argv)
-    write_jsonl(a.out, easy_arithmetic(a.n, a.seed))
-    print(f"wrote {a.n} rows to {a.out}")
+    if a.study:
+        with open(a.study) as f:
+            rows = study_split(json.loads(line)["question"] for line in f if line.strip())
+    else:
+        rows = easy_arithmetic(a.n, a.seed)
+    write_jsonl(a.out, rows)
+    print(f"wrote {len(rows)} rows to {a.out}")
     return 0
 
 

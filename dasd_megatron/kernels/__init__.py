@@ -12,7 +12,7 @@ forward, one for the backward, in a `torch.autograd.Function`); the math is in e
     common.py    what the kernels share: Triton import state, rounding, launch helpers, compile-failure record
 
 Non-CUDA tensors run the Triton kernels only under Triton's interpreter: TRITON_INTERPRET=1 before this package is
-first imported (`INTERPRETED`). Benchmark: `bench/kernels.py`; tests: `tests/test_kernels.py`.
+first imported (`INTERPRETED`). Benchmark: `bench/fused_kernels.py`; tests: `tests/test_kernels.py`.
 """
 
 # The submodules first: importing `.swiglu` binds the package attribute `swiglu` to the module, and the dispatch

@@ -39,6 +39,14 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--smoke-steps", type=int, default=8, help="optimizer steps of a smoke job")
     p.add_argument("--experiments-dir", help="where nemo-run keeps experiment folders (default: NEMORUN_HOME)")
     p.add_argument("--python", help="interpreter of the job (default: SLURM 'python', locally this one)")
+    add_slurm_arguments(p)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2 trainer.nodes=2")
+    p.set_defaults(func=cmd_submit)
+    return p
+
+
+def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """The SLURM settings of `dasd submit` (and `dasd sweep --executor slurm`); read back by `slurm_settings`."""
     s = p.add_argument_group("SLURM")
     s.add_argument("--account", default=os.environ.get("DASD_SLURM_ACCOUNT"), help="(env DASD_SLURM_ACCOUNT)")
     s.add_argument("--partition", default=os.environ.get("DASD_SLURM_PARTITION"), help="(env DASD_SLURM_PARTITION)")
@@ -52,12 +60,10 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--ssh-user")
     s.add_argument("--job-dir", default="", help="experiment folder on the cluster (required with --ssh-host)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment (repeatable)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2 trainer.nodes=2")
-    p.set_defaults(func=cmd_submit)
-    return p
 
 
-def _slurm_settings(args):
+def slurm_settings(args):
+    """`SlurmSettings` from the arguments `add_slurm_arguments` added."""
     from dasd_megatron.launch.executors import SlurmSettings
 
     env = {}
@@ -87,7 +93,7 @@ def cmd_submit(args) -> int:
     if not args.recipe:
         raise ConfigError("--recipe is required. Fix: pass --recipe NAME (dasd submit --list shows them)")
     recipe = resolve_recipe(args.recipe, args.overrides)
-    slurm = _slurm_settings(args) if args.executor == "slurm" else None
+    slurm = slurm_settings(args) if args.executor == "slurm" else None
     from dasd_megatron.launch.submit import submit
 
     sub = submit(recipe, executor=args.executor, job=args.job, slurm=slurm, python=args.python, dryrun=args.dryrun,

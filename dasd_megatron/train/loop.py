@@ -40,6 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from dasd_megatron.config import ConfigError, RunConfig, to_dict
 from dasd_megatron.data import (MathExample, PromptIterator, build_prompt_pair, load_math_dataset, load_tokenizer,
                                 student_prompt)
+from dasd_megatron.data.synthetic import kind_of
 from dasd_megatron.eval.markers import epistemic_marker_density
 from dasd_megatron.loss import grpo_advantages
 from dasd_megatron.model.builder import build_model, layout_summary
@@ -511,7 +512,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Rank 0: `eval_samples` answers per evaluation problem from the servers (greedy by default), scored like
-        training rollouts. Metrics under `eval/`."""
+        training rollouts. Metrics under `eval/`; every answer's record (problem row, its kind where the problems
+        are easy arithmetic, extracted answer, status) in `eval_records/step_XXXXXXXX.jsonl` (`dasd sweep-report`
+        reads them for accuracy by kind)."""
         t = self.cfg.train
         t0 = time.perf_counter()
         with self._rank0_lock:
@@ -521,6 +524,11 @@ class Trainer:
                                   top_p=1.0 if greedy else None, top_k=-1 if greedy else None)
         groups = self.client.generate(prompt_ids, n=t.eval_samples, sampling=sampling, batch_id=f"eval{self.step}")
         texts, results = self.reward(self.eval_examples, groups)
+        G = t.eval_samples
+        self._write_step_jsonl("eval_records", [
+            {"index": ex.index, "sample": j, "problem": ex.problem, "kind": kind_of(ex.problem),
+             "extracted": results[i * G + j].extracted, "status": results[i * G + j].status}
+            for i, ex in enumerate(self.eval_examples) for j in range(G)])
         n = max(len(results), 1)
         lens = [len(s.output_ids) for g in groups for s in g]
         return {
@@ -535,16 +543,19 @@ class Trainer:
     def _save_rollouts(self, rollouts: Sequence[Rollout]) -> None:
         """Rank 0, `train.save_rollouts`: the step's trained rollouts in `rollouts/step_XXXXXXXX.jsonl` (numbered
         like its metrics; a resumed run rewrites the steps it redoes)."""
-        if not self.cfg.train.save_rollouts:
-            return
-        folder = os.path.join(self.cfg.run_dir, "rollouts")
+        if self.cfg.train.save_rollouts:
+            self._write_step_jsonl("rollouts", [
+                {"group": r.group, "reward": r.reward, "weight_version": r.weight_version,
+                 "prompt_ids": list(r.prompt_ids), "response_ids": list(r.response_ids),
+                 "rollout_logprobs": list(r.rollout_logprobs)} for r in rollouts])
+
+    def _write_step_jsonl(self, folder: str, rows: Sequence[dict]) -> None:
+        """`run_dir/folder/step_XXXXXXXX.jsonl` (this step), written whole or not at all."""
+        folder = os.path.join(self.cfg.run_dir, folder)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step_{self.step:08d}.jsonl")
         with open(path + ".tmp", "w") as f:
-            for r in rollouts:
-                f.write(json.dumps({"group": r.group, "reward": r.reward, "weight_version": r.weight_version,
-                                    "prompt_ids": list(r.prompt_ids), "response_ids": list(r.response_ids),
-                                    "rollout_logprobs": list(r.rollout_logprobs)}) + "\n")
+            f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
         os.replace(path + ".tmp", path)
 
     def _log_samples(self, batch: Sequence[ScoredGroup]) -> None:

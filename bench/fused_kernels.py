@@ -20,8 +20,8 @@ Timing: CUDA events around each step after --warmup untimed steps; the median of
 time in ms, the speedup over eager, and the multiple of the floor; max |difference| to eager is printed as a sanity
 check (bf16: ~ one bf16 ulp of the outputs and gradients). The last line is `RESULT {json}` with all numbers.
 
-    python bench/kernels.py                 # CUDA, the Qwen3-0.6B shape
-    python bench/kernels.py --cpu           # tiny shapes, eager vs compile only (a smoke test; CPU times say
+    python bench/fused_kernels.py                 # CUDA, the Qwen3-0.6B shape
+    python bench/fused_kernels.py --cpu           # tiny shapes, eager vs compile only (a smoke test; CPU times say
                                             # nothing about the GPU)
 """
 

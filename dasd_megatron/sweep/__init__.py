@@ -1,0 +1,1 @@
+"""Sweeps of recipes x seeds (`dasd sweep`) and their report (`dasd sweep-report`)."""

@@ -1,0 +1,270 @@
+"""`dasd_megatron.sweep.report`: per-method means and 95% CIs across seeds, checked against numbers computed here
+independently (numpy) from a synthetic sweep written by the test: 2 recipes x 4 seeds, one run missing, one partial,
+per-problem evaluation records with kinds and `dasd eval`-format diversity records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dasd_megatron.sweep.report import build_sweep_report, display_names, mean_ci
+
+PNG = b"\x89PNG\r\n\x1a\n"
+T = {1: 12.706, 2: 4.303, 3: 3.182}  # t_{0.975, df}
+DASD, GRPO = "smollm2_135m_dasd_cpu", "smollm2_135m_grpo_cpu"
+SEEDS = [1, 2, 3, 4]
+STEPS = 8
+EVAL_STEPS = (0, 4, 8)
+KINDS = ("add_1d", "mul_1d")
+K = 2  # Pass@2 of n = 4 samples
+
+
+def expect(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    half = T[v.size - 1] * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
+    return float(v.mean()), half
+
+
+def check_stat(stat: dict, values) -> None:
+    mean, half = expect(values)
+    assert stat["values"] == pytest.approx(list(values))
+    assert stat["mean"] == pytest.approx(mean)
+    if math.isnan(half):
+        assert math.isnan(stat["ci95"])
+    else:
+        assert stat["ci95"] == pytest.approx(half)
+
+
+def write_jsonl(path: Path, rows, extra: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra)
+
+
+def make_sweep(root: Path, *, extras: bool = True) -> dict:
+    """Write a sweep; returns the truth: {(recipe, seed): {"metrics": [rows], "kinds": ..., "div": [...]}}."""
+    rng = np.random.default_rng(0)
+    truth: dict = {}
+    runs = []
+    for mi, recipe in enumerate((DASD, GRPO)):
+        for seed in SEEDS:
+            rel = f"{recipe}/seed{seed}"
+            run_dir = root / rel
+            # DASD's run folders are given relative to the sweep folder, GRPO's absolute.
+            runs.append({"recipe": recipe, "seed": seed, "run_dir": rel if recipe == DASD else str(run_dir)})
+            if recipe == DASD and seed == 4:
+                continue  # missing: never started
+            last = 5 if (recipe == GRPO and seed == 4) else STEPS  # GRPO seed 4 is partial
+            rows = []
+            for step in range(last + 1):
+                row: dict = {"step": step}
+                if step in EVAL_STEPS:
+                    row["eval/accuracy"] = float(0.3 + 0.1 * mi + 0.02 * step + rng.uniform(-0.05, 0.05))
+                    row["eval/num_problems"] = 10
+                if step > 0:
+                    row["rollout/reward_mean"] = float(rng.uniform(0, 1))
+                    if extras:
+                        row["router/entropy_mean" if recipe == DASD else "loss/entropy"] = float(rng.uniform(0.5, 1))
+                        row["rollout/response_length_mean"] = float(rng.uniform(10, 30))
+                        if not (recipe == DASD and seed == 2 and step == STEPS):  # no KL at its last step
+                            row["loss/kl"] = float(rng.uniform(0, 0.5))
+                        if recipe == DASD:
+                            row.update({f"router/omega_mean_decile_{d}": float(rng.uniform(-1, 1)) for d in range(10)})
+                rows.append(row)
+            truth[(recipe, seed)] = {"metrics": rows}
+            lines = list(rows)
+            extra = ""
+            if recipe == DASD and seed == 1:  # a repeated step (the last line wins) and a torn line
+                lines.insert(3, {"step": 3, "rollout/reward_mean": 99.0, "loss/kl": 99.0})
+                extra = '{"step": 9, "eval/acc'
+            write_jsonl(run_dir / "metrics.jsonl", lines, extra)
+            if not extras:
+                continue
+            kinds = {}
+            for step in (s for s in EVAL_STEPS if s <= last):
+                recs, correct = [], {}
+                for ki, kind in enumerate(KINDS):
+                    c = int(rng.integers(0, 6)) if step == STEPS else 0  # earlier steps: all wrong
+                    correct[kind] = c / 5
+                    for j in range(5):
+                        recs.append({"index": ki * 5 + j, "sample": 0, "problem": f"{kind} {j}", "kind": kind,
+                                     "extracted": "1", "status": "correct" if j < c else "incorrect"})
+                write_jsonl(run_dir / "eval_records" / f"step_{step:08d}.jsonl", recs)
+                kinds = correct
+            truth[(recipe, seed)]["kinds"] = kinds
+            div = []
+            for pid in range(5):
+                c = int(rng.integers(0, 5))
+                samples = [{"extracted": "7", "status": "correct"} for _ in range(c)]
+                samples += [{"extracted": rng.choice(["1", "2", "3", None]), "status": "incorrect"}
+                            for _ in range(4 - c)]
+                for s in samples:
+                    if s["extracted"] is None:
+                        s["status"] = "unparseable"
+                div.append({"benchmark": "easy", "problem_id": pid, "problem_hash": "h", "gold": "7", "n": 4,
+                            "num_correct": c, "seed": 0, "weight_version": "default", "samples": samples})
+            write_jsonl(run_dir / "sweep_diversity" / "records" / "easy.jsonl", div)
+            truth[(recipe, seed)]["div"] = div
+    manifest = {"recipes": [DASD, GRPO], "seeds": SEEDS, "overrides": ["train.steps=8"], "runs": runs,
+                "eval_data": "recipes/data/easy_arithmetic_study.jsonl",
+                "diversity": {"k": K, "temperature": 0.7} if extras else None}
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    return truth
+
+
+def last_value(rows, key):
+    return [r[key] for r in rows if key in r][-1]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    truth = make_sweep(root)
+    return root, truth, build_sweep_report(str(root))
+
+
+def test_mean_ci_by_hand():
+    mean, half = mean_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    mean, half = mean_ci([1.0, float("nan"), 3.0])  # NaN ignored: n = 2, sd = sqrt(2)
+    assert mean == pytest.approx(2.0) and half == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+    assert mean_ci([0.4])[0] == 0.4 and math.isnan(mean_ci([0.4])[1])
+    assert all(math.isnan(x) for x in mean_ci([]))
+    big = list(range(40))  # df = 39 > 30: the normal quantile
+    assert mean_ci(big)[1] == pytest.approx(1.96 * np.std(big, ddof=1) / math.sqrt(40))
+
+
+def test_display_names():
+    assert display_names([DASD, GRPO]) == {DASD: "dasd", GRPO: "grpo"}
+    assert display_names(["a_dasd_cpu", "a_dasd_noroute_cpu"]) == {"a_dasd_cpu": "dasd", "a_dasd_noroute_cpu":
+                                                                   "dasd_noroute"}
+    assert display_names([DASD]) == {DASD: DASD}
+
+
+def test_runs_status(sweep):
+    _, _, rep = sweep
+    d, g = rep.summary["methods"][DASD], rep.summary["methods"][GRPO]
+    assert list(rep.summary["methods"]) == [DASD, GRPO]
+    assert d["seeds"] == [1, 2, 3] and d["missing"] == [4] and d["partial"] == []
+    assert g["seeds"] == [1, 2, 3] and g["missing"] == [] and g["partial"] == [4]
+    md = Path(rep.report_md).read_text()
+    assert "missing (no `metrics.jsonl`)" in md and "partial (step 5 of 8)" in md
+    assert any("dasd: no `metrics.jsonl` for seed(s) 4" in n for n in rep.notes)
+    assert any("grpo: seed(s) 4 stopped early" in n for n in rep.notes)
+    assert any("1 unparseable line(s)" in n for n in rep.notes)
+
+
+def test_accuracy_per_step_and_final(sweep):
+    _, truth, rep = sweep
+    for recipe in (DASD, GRPO):
+        s = rep.summary["methods"][recipe]
+        assert list(s["eval_accuracy"]) == ["0", "4", "8"]
+        for step in EVAL_STEPS:  # every run that has the step, the partial one included
+            vals = [r["eval/accuracy"] for seed in SEEDS if (recipe, seed) in truth
+                    for r in truth[(recipe, seed)]["metrics"] if r["step"] == step and "eval/accuracy" in r]
+            check_stat(s["eval_accuracy"][str(step)], vals)
+        finished = [truth[(recipe, seed)]["metrics"] for seed in (1, 2, 3)]
+        f = s["final"]
+        check_stat(f["eval_accuracy"], [last_value(rows, "eval/accuracy") for rows in finished])
+        check_stat(f["kl"], [last_value(rows, "loss/kl") for rows in finished])
+        check_stat(f["response_length"], [last_value(rows, "rollout/response_length_mean") for rows in finished])
+        ent = "router/entropy_mean" if recipe == DASD else "loss/entropy"
+        check_stat(f["entropy"], [last_value(rows, ent) for rows in finished])
+        check_stat(f["reward"], [np.mean([r["rollout/reward_mean"] for r in rows if "rollout/reward_mean" in r])
+                                 for rows in finished])
+    # the KL of DASD seed 2 is its step-7 value (none at step 8); step 3 of seed 1 is its second (true) line
+    rows = truth[(DASD, 2)]["metrics"]
+    assert rep.summary["methods"][DASD]["final"]["kl"]["values"][1] == pytest.approx(rows[7]["loss/kl"])
+
+
+def test_kinds_omega_diversity(sweep):
+    _, truth, rep = sweep
+    for recipe in (DASD, GRPO):
+        s = rep.summary["methods"][recipe]
+        assert list(s["kinds"]) == list(KINDS)
+        for kind in KINDS:  # the last evaluation (step 8), finished runs only
+            check_stat(s["kinds"][kind], [truth[(recipe, seed)]["kinds"][kind] for seed in (1, 2, 3)])
+        div = s["diversity"]
+        assert div["k"] == K
+        pk, acc, distinct, frac = [], [], [], []
+        for seed in (1, 2, 3):
+            recs = truth[(recipe, seed)]["div"]
+            pk.append(np.mean([1 - math.comb(4 - r["num_correct"], K) / math.comb(4, K) for r in recs]))
+            acc.append(np.mean([r["num_correct"] / 4 for r in recs]))
+            d = [len({x["extracted"] for x in r["samples"] if x["extracted"] is not None}) for r in recs]
+            distinct.append(np.mean(d))
+            frac.append(np.mean(d) / 4)
+        check_stat(div["pass_at_k"], pk)
+        check_stat(div["accuracy"], acc)
+        check_stat(div["distinct_answers"], distinct)
+        check_stat(div["distinct_fraction"], frac)
+    omega = rep.summary["methods"][DASD]["omega_by_entropy_decile"]
+    assert len(omega) == 10
+    for d in range(10):
+        key = f"router/omega_mean_decile_{d}"
+        assert omega[d] == pytest.approx(np.mean([last_value(truth[(DASD, s)]["metrics"], key) for s in (1, 2, 3)]))
+    assert rep.summary["methods"][GRPO]["omega_by_entropy_decile"] is None
+
+
+def test_outputs(sweep):
+    root, _, rep = sweep
+    assert Path(rep.out_dir) == root / "report"
+    names = sorted(Path(p).name for p in rep.plots)
+    assert names == ["accuracy.png", "diversity.png", "final.png", "omega_deciles.png", "training.png"]
+    md = Path(rep.report_md).read_text()
+    assert Path(rep.report_md).name == "sweep_report.md"
+    for p in rep.plots:
+        assert Path(p).read_bytes()[:8] == PNG
+        assert f"]({Path(p).name})" in md
+    assert "| method | seeds (finished/planned) | final accuracy |" in md and "Pass@2" in md
+    assert "| dasd | 3/4 |" in md and "| grpo | 3/4 |" in md
+    assert "## Accuracy by problem kind" in md and "| method | add_1d | mul_1d |" in md
+    assert "## Held-out accuracy per evaluation step" in md and "`train.steps=8`" in md
+    on_disk = json.loads((root / "report" / "summary.json").read_text())
+    assert on_disk["methods"][GRPO]["omega_by_entropy_decile"] is None
+    assert on_disk["methods"][DASD]["final"]["eval_accuracy"]["mean"] == pytest.approx(
+        rep.summary["methods"][DASD]["final"]["eval_accuracy"]["mean"])
+
+
+def test_sweep_without_records_or_diversity(tmp_path):
+    make_sweep(tmp_path, extras=False)
+    out = tmp_path / "elsewhere"
+    rep = build_sweep_report(str(tmp_path), str(out))
+    assert Path(rep.out_dir) == out and (out / "summary.json").exists()
+    assert sorted(Path(p).name for p in rep.plots) == ["accuracy.png", "final.png"]
+    for p in rep.plots:
+        assert Path(p).read_bytes()[:8] == PNG
+    for s in rep.summary["methods"].values():
+        assert s["kinds"] == {} and s["diversity"] is None and s["omega_by_entropy_decile"] is None
+        assert s["final"]["kl"]["values"] == [] and math.isnan(s["final"]["kl"]["mean"])
+    md = Path(rep.report_md).read_text()
+    assert "Accuracy by problem kind" not in md and "## Diversity" not in md
+    for skipped in ("training plot skipped", "omega-by-entropy-decile plot skipped", "diversity plot skipped",
+                    "no accuracy by kind"):
+        assert skipped in md
+    on_disk = json.loads((out / "summary.json").read_text())  # NaN written as null
+    assert on_disk["methods"][DASD]["final"]["kl"]["mean"] is None
+
+
+def test_single_seed_has_no_interval(tmp_path):
+    make_sweep(tmp_path, extras=False)
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
+    manifest["seeds"] = [1]
+    manifest["runs"] = [r for r in manifest["runs"] if r["seed"] == 1]
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+    rep = build_sweep_report(str(tmp_path))
+    stat = rep.summary["methods"][DASD]["final"]["eval_accuracy"]
+    assert len(stat["values"]) == 1 and math.isnan(stat["ci95"])
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["methods"][DASD]["final"][
+        "eval_accuracy"]["ci95"] is None
+    assert "(1 seed)" in Path(rep.report_md).read_text()
+
+
+def test_no_sweep_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dasd sweep"):
+        build_sweep_report(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="sweep.json"):
+        build_sweep_report(str(tmp_path / "nope"))
