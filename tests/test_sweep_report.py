@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,27 @@ def test_no_sweep_json(tmp_path):
         build_sweep_report(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="sweep.json"):
         build_sweep_report(str(tmp_path / "nope"))
+
+
+def test_the_diversity_stage_command_is_one_dasd_eval_accepts(tmp_path):
+    """`dasd sweep --diversity K` runs `dasd eval` on each finished run with the run's prompt and reward rules: the
+    command it builds parses with the real `dasd` parser into those settings."""
+    from dasd_megatron.cli import build_parser
+    from dasd_megatron.launch.checks import resolve_recipe
+    from dasd_megatron.sweep.runner import SweepRun, SweepSpec, diversity_cmd
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("")
+    spec = SweepSpec(recipes=("smollm2_135m_dasd_cpu",), seeds=(3,), out_dir=str(tmp_path / "sweep"),
+                     eval_data=str(heldout), diversity_k=4, diversity_temperature=0.9)
+    run = SweepRun("smollm2_135m_dasd_cpu", 3, str(tmp_path / "sweep" / "r"))
+    recipe = resolve_recipe(run.recipe, spec.run_overrides(run))
+    cmd = diversity_cmd(spec, run, recipe)
+    assert cmd[1:4] == ["-m", "dasd_megatron.cli", "eval"]
+    args = build_parser().parse_args(cmd[3:])
+    cfg = recipe.config
+    assert (args.model, args.data, args.n_samples, args.temperature, args.seed) == (run.run_dir, str(heldout), 4,
+                                                                                    0.9, 3)
+    assert args.output == os.path.join(run.run_dir, "sweep_diversity") and args.pass_k == (1, 4)
+    assert args.instruction == cfg.data.prompt.instruction and args.max_new_tokens == cfg.train.max_response_tokens
+    assert args.last_number_fallback == cfg.reward.last_number_fallback and args.schema == cfg.data.schema

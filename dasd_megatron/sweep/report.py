@@ -42,15 +42,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dasd_megatron.sweep.runner import DIVERSITY_DIR, MANIFEST
 from dasd_megatron.train.metrics_log import METRICS_FILE, read_metrics_jsonl
 
 log = logging.getLogger(__name__)
 
 __all__ = ["T_975", "t_975", "mean_ci", "display_names", "SweepReport", "build_sweep_report"]
 
-SWEEP_MANIFEST = "sweep.json"
-EVAL_RECORDS_DIR = "eval_records"
-DIVERSITY_RECORDS = os.path.join("sweep_diversity", "records")
+SWEEP_MANIFEST = MANIFEST
+EVAL_RECORDS_DIR = "eval_records"  # written by `Trainer.evaluate`
+DIVERSITY_RECORDS = os.path.join(DIVERSITY_DIR, "records")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "sweep_report.md"
 DECILES = 10

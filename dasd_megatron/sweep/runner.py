@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 from dasd_megatron.errors import ConfigError
 
 __all__ = ["SEED_FIELDS", "MANIFEST", "DIVERSITY_DIR", "SweepRun", "SweepSpec", "parse_seeds", "run_state",
-           "check_sweep", "write_manifest", "run_local", "submit_slurm"]
+           "check_sweep", "write_manifest", "run_local", "submit_slurm", "diversity_cmd"]
 
 SEED_FIELDS = ("train.seed", "rollout.seed", "data.seed", "model.seed")
 MANIFEST = "sweep.json"
@@ -204,7 +204,7 @@ def _child(cmd: list[str], log_path: str) -> int:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
 
 
-def _diversity_cmd(spec: SweepSpec, run: SweepRun, recipe) -> list[str]:
+def diversity_cmd(spec: SweepSpec, run: SweepRun, recipe) -> list[str]:
     """`dasd eval` of the run's newest checkpoint on the held-out file, with the run's prompt and reward rules."""
     cfg = recipe.config
     p, rw = cfg.data.prompt, cfg.reward
@@ -250,7 +250,7 @@ def run_local(spec: SweepSpec, checked: Sequence[tuple[SweepRun, object]], *, np
                 continue
         if spec.diversity_k:
             echo(f"{head}: diversity evaluation ({spec.diversity_k} samples per problem)")
-            if _child(_diversity_cmd(spec, run, recipe), log_path) != 0:
+            if _child(diversity_cmd(spec, run, recipe), log_path) != 0:
                 echo(f"{head}: diversity evaluation FAILED (see {log_path}); rerun the sweep to resume it")
                 failed.append(run.name)
                 continue
