@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dasd_megatron.sweep.runner import DIVERSITY_DIR, MANIFEST
-from dasd_megatron.train.metrics_log import METRICS_FILE, read_metrics_jsonl
+from dasd_megatron.train.metrics_log import METRICS_FILE, read_jsonl_objects, read_metrics_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -196,26 +196,6 @@ def _load_metrics(run: _Run, notes: list[str]) -> None:
     run.records = [by_step[s] for s in sorted(by_step)]
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], int]:
-    """The JSON-object lines of `path` and the number of unparseable lines."""
-    out, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-            else:
-                bad += 1
-    return out, bad
-
-
 _STEP_FILE = re.compile(r"^step_(\d+)\.jsonl$")
 
 
@@ -229,7 +209,7 @@ def _kind_accuracy(run: _Run, notes: list[str]) -> dict[str, float]:
         return {}
     _, name = max(steps)
     try:
-        rows, bad = _read_jsonl(os.path.join(folder, name))
+        rows, bad = read_jsonl_objects(os.path.join(folder, name))
     except (OSError, UnicodeDecodeError) as e:
         notes.append(f"{run.recipe} seed {run.seed}: `{EVAL_RECORDS_DIR}/{name}` unreadable ({e}); no accuracy by kind")
         return {}

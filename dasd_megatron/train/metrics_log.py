@@ -78,8 +78,9 @@ def _finite_float(value: Any) -> Optional[float]:
     return None
 
 
-def read_metrics_jsonl(path: str) -> tuple[list[dict], int]:
-    """The parseable JSON-object lines of `path` (in file order) and the number of lines that were not."""
+def read_jsonl_objects(path: str, keep=lambda obj: True) -> tuple[list[dict], int]:
+    """The JSON-object lines of `path` that `keep` accepts (in file order) and the number of lines that were not
+    (unparseable, not an object, or refused)."""
     records, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -91,11 +92,17 @@ def read_metrics_jsonl(path: str) -> tuple[list[dict], int]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
-            if isinstance(obj, dict) and isinstance(obj.get("step"), (int, float)):
+            if isinstance(obj, dict) and keep(obj):
                 records.append(obj)
             else:
                 bad += 1
     return records, bad
+
+
+def read_metrics_jsonl(path: str) -> tuple[list[dict], int]:
+    """The parseable metrics lines of `path` (JSON objects with a numeric `step`, in file order) and the number of
+    lines that were not."""
+    return read_jsonl_objects(path, lambda obj: isinstance(obj.get("step"), (int, float)))
 
 
 def truncate_jsonl_after(path: str, resume_step: int) -> tuple[int, int]:
