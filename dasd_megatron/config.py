@@ -31,6 +31,71 @@ def _divisors(n: int) -> list[int]:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+#: LoRA targets: megatron's linear layers, and the HF projections each one holds (fused QKV, fused gate/up)
+LORA_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+LORA_SYNC_MODES = ("adapter", "merged")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters on the policy's linear layers (`dasd_megatron/model/lora.py`); rank 0 = off (full training).
+
+    With rank > 0 the base weights are frozen and only the adapters train (and get optimizer state). Each targeted
+    linear's output gains `alpha / rank * B @ A x`, with B = 0 at the start (the policy starts as the base model)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
+    targets: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    """megatron linears (linear_qkv, linear_proj, linear_fc1, linear_fc2), HF names (q_proj, k_proj, v_proj: the
+    fused linear_qkv; gate_proj, up_proj: linear_fc1; o_proj; down_proj) or 'all'."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    sync: Literal["adapter", "merged"] = "adapter"
+    """What reaches the rollout servers after each step: 'adapter' (only the adapter, PEFT format; servers run with
+    LoRA enabled and every request names it) or 'merged' (W + alpha/rank B@A as full weights, any server)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise config_error("model.lora.rank", self.rank, "must be an integer >= 0", "use 0 (off) or e.g. 32")
+        if not self.alpha > 0:
+            raise config_error("model.lora.alpha", self.alpha, "must be > 0", "use e.g. 2 * rank")
+        if not 0 <= self.dropout < 1:
+            raise config_error("model.lora.dropout", self.dropout, "must be in [0, 1)", "use 0.0 or e.g. 0.05")
+        if self.sync not in LORA_SYNC_MODES:
+            raise config_error("model.lora.sync", self.sync, "unknown mode", "use adapter or merged")
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t for t in self.targets.split(",") if t))
+        self.modules()  # names checked here
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def modules(self) -> tuple[str, ...]:
+        """The megatron linears adapted, in layer order."""
+        known = {hf: m for m, hfs in LORA_TARGETS.items() for hf in hfs}
+        out = set()
+        for t in self.targets:
+            if t in ("all", "all-linear"):
+                out.update(LORA_TARGETS)
+            elif t in LORA_TARGETS:
+                out.add(t)
+            elif t in known:
+                out.add(known[t])
+            else:
+                raise config_error("model.lora.targets", t, "unknown target",
+                                   f"use some of {list(LORA_TARGETS)} (or HF names {sorted(known)}, or all)")
+        if self.enabled and not out:
+            raise config_error("model.lora.targets", self.targets, "no linear targeted", "name at least one")
+        return tuple(m for m in LORA_TARGETS if m in out)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to build. The architecture comes from `hf_config` (a directory with config.json, or the file)."""
@@ -50,6 +115,8 @@ class ModelConfig:
     """RMSNorm, SwiGLU and packed RoPE of the sdpa/local layer spec: 'triton' (`dasd_megatron/kernels`, one fused
     kernel each, forward and backward), 'torch' (unfused torch ops, megatron's arithmetic). 'auto' = triton on a CUDA
     device where Triton imports, else torch. The TE spec has its own fused modules."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (rank 0: off, full training)."""
 
     def __post_init__(self) -> None:
         if self.fused_kernels not in ("auto", "torch", "triton"):
@@ -222,6 +289,19 @@ def validate_layout(cfg: RunConfig, arch, world_size: int, te_available: bool) -
             "model.seq_length", m.seq_length, f"sequence parallelism needs it divisible by parallel.tensor={tp}",
             f"use a multiple of {tp}",
         )
+    lora = m.lora
+    if lora.enabled and lora.rank % tp:
+        raise config_error("model.lora.rank", lora.rank, f"the adapter's rank dimension is split over "
+                           f"parallel.tensor={tp} (megatron's layout for A of a column-parallel linear)",
+                           f"use a multiple of {tp}, e.g. {-(-lora.rank // tp) * tp}")
+    if cfg.train.teacher == "base" and not lora.enabled:
+        raise config_error("train.teacher", "base", "the base-network teacher is the model with its LoRA adapter "
+                           "disabled, and model.lora.rank=0 trains the whole model",
+                           "set model.lora.rank > 0, or use train.teacher=frozen (a frozen copy of the initial policy)")
+    if cfg.train.teacher == "frozen" and lora.enabled:
+        raise config_error("train.teacher", "frozen", "with LoRA the frozen initial policy is the base network (the "
+                           "adapter starts at zero), which train.teacher=base gives with no extra copy",
+                           "use train.teacher=base")
     backend = m.attention_backend
     if cfg.precision.fp8 is not None:
         if not te_available:

@@ -14,8 +14,27 @@ defaults, `SAMPLING_RULES` the value rules with their error messages. The traine
 defaults from `sampling_default` and check their values with these rules, so the three cannot drift apart.
 
 Types are written in a tiny JSON-type language: ``str``, ``int``, ``float`` (an int is accepted, as JSON does),
-``bool``, ``null``, ``dict``, ``any``, ``list[T]``; a field lists the alternatives it accepts. ``bool`` is never
-accepted where ``int``/``float`` is asked (unlike Python's `isinstance`), matching serde/msgspec.
+``bool``, ``null``, ``dict``, ``any``, ``list[T]`` (``list[str|null]``: every element one of the alternatives); a
+field lists the alternatives it accepts. ``bool`` is never accepted where ``int``/``float`` is asked (unlike
+Python's `isinstance`), matching serde/msgspec.
+
+LoRA endpoints (`LORA_ENDPOINTS`, transcribed from SGLang's own ``io_struct.py`` / ``http_server.py``: the shared
+API doc only names them, so they live beside the doc-checked `ENDPOINTS` table; `endpoint(path)` looks in both):
+
+* ``POST /load_lora_adapter`` {**lora_name**, **lora_path** (a PEFT folder), pinned=false, lora_id=null};
+* ``POST /unload_lora_adapter`` {**lora_name**, lora_id=null};
+* ``POST /load_lora_adapter_from_tensors`` {**lora_name**, **config_dict** (the PEFT adapter_config.json as a
+  dict), **serialized_tensors** (``MultiprocessingSerializer.serialize({PEFT tensor name: tensor},
+  output_str=True)``, or with ``load_format="flattened_bucket"`` of ``{"flattened_tensor", "metadata"}`` as in
+  `/update_weights_from_tensor`; see `sglang_rollout.tensor_payload`), pinned=false, added_tokens_config=null,
+  lora_id=null, load_format=null}.
+
+All three answer SGLang's ``LoRAUpdateOutput`` ``{"success", "error_message", "loaded_adapters": {name: {"lora_id",
+"lora_name", "lora_path", "pinned"}}}``, 200 on success, else 400 (`LORA_NOT_ENABLED` and the messages of
+`lora_exists_error` / `lora_missing_error` are SGLang's wording). `/generate`'s ``lora_path`` (a str, or one entry
+per prompt, null = base model) names a *loaded* adapter by its ``lora_name``. Server flags (SGLang's names):
+``--enable-lora``, ``--max-lora-rank N``, ``--lora-target-modules m1 m2 ...|all``, ``--lora-paths name=path ...``,
+``--max-loras-per-batch`` (8).
 """
 
 from __future__ import annotations
@@ -29,6 +48,12 @@ __all__ = [
     "Field",
     "Endpoint",
     "ENDPOINTS",
+    "LORA_ENDPOINTS",
+    "LORA_NOT_ENABLED",
+    "LORA_TARGET_MODULES",
+    "endpoint",
+    "lora_exists_error",
+    "lora_missing_error",
     "SAMPLING_PARAMS",
     "SamplingRule",
     "SAMPLING_RULES",
@@ -97,7 +122,7 @@ _GENERATE = Endpoint(
         _f("return_text_in_logprobs", "bool", default=False),
         _f("return_prompt_token_ids", "bool", default=False),
         _f("rid", "str", "list[str]", "null"),
-        _f("lora_path", "str", "list[str]", "null"),
+        _f("lora_path", "str", "list[str|null]", "null", doc="the lora_name of a loaded adapter (per prompt)"),
         _f("custom_logit_processor", "str", "list[str]", "null"),
         _f("return_hidden_states", "bool", "list[bool]", default=False),
         _f("image_data", "any"),
@@ -303,6 +328,62 @@ ENDPOINTS: dict[str, Endpoint] = {
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 
+# ---- LoRA (SGLang io_struct: LoadLoRAAdapterReqInput, UnloadLoRAAdapterReqInput, LoadLoRAAdapterFromTensorsReqInput)
+
+#: HF module names a LoRA adapter may target (SGLang's `--lora-target-modules` choices besides ``all``)
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: SGLang's answer to a LoRA call on a server started without LoRA
+LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+
+
+def lora_exists_error(name: str, loaded) -> str:
+    """SGLang's message for loading a name that is already registered."""
+    return f"LoRA with name {name} already exists. Loaded LoRAs: {sorted(loaded)}"
+
+
+def lora_missing_error(name: str, loaded) -> str:
+    """SGLang's message for unloading a name that is not registered."""
+    return f"LoRA with name {name} does not exist. Loaded LoRAs: {sorted(loaded)}"
+
+
+LORA_ENDPOINTS: dict[str, Endpoint] = {
+    e.path: e
+    for e in (
+        _control(
+            "/load_lora_adapter",
+            ("POST",),
+            _f("lora_name", "str", required=True),
+            _f("lora_path", "str", required=True, doc="a PEFT folder: adapter_config.json + adapter_model.*"),
+            _f("pinned", "bool", default=False),
+            _f("lora_id", "str", "null"),
+        ),
+        _control(
+            "/unload_lora_adapter",
+            ("POST",),
+            _f("lora_name", "str", required=True),
+            _f("lora_id", "str", "null"),
+        ),
+        _control(
+            "/load_lora_adapter_from_tensors",
+            ("POST",),
+            _f("lora_name", "str", required=True),
+            _f("config_dict", "dict", required=True, doc="the PEFT adapter_config.json as a dict"),
+            _f("serialized_tensors", "str", required=True,
+               doc="MultiprocessingSerializer.serialize({name: tensor} or a flattened bucket, output_str=True)"),
+            _f("pinned", "bool", default=False),
+            _f("added_tokens_config", "dict", "null"),
+            _f("lora_id", "str", "null"),
+            _f("load_format", "str", "null", doc='null ({name: tensor}) or "flattened_bucket"'),
+        ),
+    )
+}
+
+
+def endpoint(path: str) -> Optional[Endpoint]:
+    """The contract of `path`: `ENDPOINTS` (the shared doc's table) or `LORA_ENDPOINTS`; None if neither."""
+    return ENDPOINTS.get(path) or LORA_ENDPOINTS.get(path)
+
 
 # ---- type checking --------------------------------------------------------------------------------------------
 
@@ -324,9 +405,23 @@ def check_type(value: Any, spec: str) -> bool:
     if spec == "dict":
         return isinstance(value, dict)
     if spec.startswith("list[") and spec.endswith("]"):
-        inner = spec[5:-1]
-        return isinstance(value, list) and all(check_type(v, inner) for v in value)
+        inner = _split_union(spec[5:-1])
+        return isinstance(value, list) and all(any(check_type(v, t) for t in inner) for v in value)
     raise ValueError(f"unknown type spec {spec!r} in the contract table")
+
+
+def _split_union(spec: str) -> list[str]:
+    """``"str|null"`` -> ["str", "null"] (only `|` outside brackets splits)."""
+    out, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
 
 
 def _type_name(value: Any) -> str:
@@ -372,7 +467,7 @@ def validate_body(path: str, body: Any, *, strict: bool = False, query: Optional
 
     `strict=True` (contract tests) also refuses top-level keys that are not in the table.
     """
-    ep = ENDPOINTS.get(path)
+    ep = endpoint(path)
     if ep is None:
         raise ContractError(f"{path}: not an endpoint of the contract")
     for name, value in (query or {}).items():

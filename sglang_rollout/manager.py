@@ -12,7 +12,10 @@ connection errors in the rollout client, which retries them (same `rid`): that i
 
 A restarted server loads `current_model_path` (the folder of the last disk sync, see `set_weights`) with its
 weight version, so it does not silently serve stale weights; with the tensor/distributed transports, register
-`on_restart` to re-sync it.
+`on_restart` to re-sync it. LoRA: servers with `ServerConfig.enable_lora` get SGLang's ``--enable-lora
+--max-lora-rank N --lora-target-modules ...`` (both backends); after an adapter sync, `set_adapter(name, folder,
+version)` makes a restarted server load that PEFT folder at start (``--lora-paths name=folder``) and announce the
+version, so rollouts naming the adapter keep working.
 
 No orphans: every server gets ``DASD_PARENT_PID`` (this process). The built-in server watches that pid and exits
 when it is gone; SGLang does not, so it runs under `sglang_rollout.supervise`, which stops its whole process tree
@@ -38,7 +41,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from sglang_rollout import auth
 from sglang_rollout.http_client import HttpClient
@@ -79,10 +82,35 @@ class ServerConfig:
     gpu_ids: Optional[tuple[int, ...]] = None
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    #: LoRA (SGLang's --enable-lora, --max-lora-rank, --lora-target-modules: HF names or "all")
+    enable_lora: bool = False
+    max_lora_rank: Optional[int] = None
+    lora_target_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        from sglang_rollout.contract import LORA_TARGET_MODULES
+
         def bad(name, rule, fix):
             raise ValueError(f"rollout.servers[].{name}={getattr(self, name)!r}: {rule}. Fix: {fix}")
+
+        if isinstance(self.lora_target_modules, str):
+            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules.split(",")))
+        else:
+            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        if self.enable_lora:
+            if self.max_lora_rank is None or isinstance(self.max_lora_rank, bool) or not (
+                    isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1):
+                bad("max_lora_rank", "needs an integer >= 1 with enable_lora (SGLang needs it when no adapter is "
+                    "loaded at start)", "use the trainer's LoRA rank (or larger)")
+            if not self.lora_target_modules:
+                bad("lora_target_modules", "needs at least one module with enable_lora",
+                    f"use the trainer's targets as HF names ({', '.join(LORA_TARGET_MODULES)}) or ('all',)")
+            unknown = [m for m in self.lora_target_modules if m not in LORA_TARGET_MODULES + ("all",)]
+            if unknown:
+                bad("lora_target_modules", f"unknown module(s) {unknown}",
+                    f"use some of {', '.join(LORA_TARGET_MODULES)}, or all")
+        elif self.max_lora_rank is not None or self.lora_target_modules:
+            bad("enable_lora", "max_lora_rank / lora_target_modules are set but LoRA is off", "set enable_lora=True")
 
         if self.backend not in BACKENDS:
             bad("backend", f"expected one of {BACKENDS}", "use 'sglang' on GPUs, 'builtin' on CPU")
@@ -124,8 +152,10 @@ class ManagerConfig:
 
 
 def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_path: Optional[str] = None,
-                   weight_version: Optional[str] = None, sglang_config: Optional[str] = None) -> list[str]:
-    """The command line that launches `cfg` (a restart passes the current weights' folder and version).
+                   weight_version: Optional[str] = None, sglang_config: Optional[str] = None,
+                   lora_paths: Sequence[str] = ()) -> list[str]:
+    """The command line that launches `cfg` (a restart passes the current weights' folder and version, and the
+    current LoRA adapter as ``lora_paths=["name=folder"]``).
 
     It never holds the API key: the built-in server reads it from its environment, SGLang from `sglang_config`
     (a YAML file from `auth.write_sglang_config`, passed as ``--config``). `ServerManager` runs SGLang's command
@@ -145,6 +175,13 @@ def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_pat
             raise ValueError("server_command: sglang_config is for backend='sglang' (the built-in server reads "
                              f"${auth.API_KEY_ENV})")
         cmd += ["--config", sglang_config]
+    if cfg.enable_lora:  # SGLang's flags, the same for both backends
+        cmd += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
+                "--lora-target-modules", *cfg.lora_target_modules]
+    if lora_paths:
+        if not cfg.enable_lora:
+            raise ValueError("server_command: lora_paths for a server without enable_lora")
+        cmd += ["--lora-paths", *lora_paths]
     if weight_version is not None:
         cmd += ["--weight-version", weight_version]
     return cmd + list(cfg.extra_args)
@@ -177,6 +214,8 @@ class ServerManager:
         self._launch_lock = threading.Lock()
         self.current_model_path: Optional[str] = None
         self.current_version: Optional[str] = None
+        #: (lora_name, PEFT folder) a restarted server loads at start (see `set_adapter`)
+        self.current_adapter: Optional[tuple[str, str]] = None
         self.events: list[tuple[float, int, str]] = []  # (time, server index, what happened)
         self._secrets_dir: Optional[str] = None
         shared: list[str] = []
@@ -230,6 +269,19 @@ class ServerManager:
         """Restarted servers load this folder (e.g. `DiskTransport.last_path`) and announce `version`."""
         self.current_model_path, self.current_version = model_path, version
 
+    def set_adapter(self, lora_name: str, path: str, version: str) -> None:
+        """Restarted servers load the PEFT folder `path` (e.g. `AdapterDiskTransport.last_path`) as adapter
+        `lora_name` at start (``--lora-paths lora_name=path``) and announce `version`, so rollouts naming the
+        adapter keep working. The base weights stay those of `set_weights` (or the configured model)."""
+        off = [i for i, p in enumerate(self._procs) if not p.cfg.enable_lora]
+        if off:
+            raise ValueError(f"set_adapter: servers {off} run without LoRA. Fix: ServerConfig(enable_lora=True, "
+                             "max_lora_rank=..., lora_target_modules=...)")
+        if not lora_name or "=" in lora_name or not path:
+            raise ValueError(f"set_adapter: lora_name={lora_name!r} / path={path!r}: need a name without '=' and a "
+                             "folder")
+        self.current_adapter, self.current_version = (lora_name, path), version
+
     def report_failure(self, url: str, error: Exception) -> None:
         """A client saw `url` fail: check it now instead of at the next interval."""
         log.info("server %s reported failing (%s)", url, error)
@@ -280,8 +332,9 @@ class ServerManager:
     def _launch(self, i: int) -> None:
         p = self._procs[i]
         sglang = p.cfg.backend == "sglang"
+        adapter = [f"{self.current_adapter[0]}={self.current_adapter[1]}"] if self.current_adapter else []
         cmd = server_command(p.cfg, python=self.config.python, model_path=self.current_model_path,
-                             weight_version=self.current_version,
+                             weight_version=self.current_version, lora_paths=adapter,
                              sglang_config=self._sglang_config(i, p.api_key) if sglang and p.api_key else None)
         env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
         env.pop(auth.API_KEY_ENV, None)  # a server's key is exactly p.api_key

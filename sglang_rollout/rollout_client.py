@@ -21,6 +21,9 @@ How it stays exact under failures:
   retried sample is reproducible and the G samples of a prompt differ.
 
 `n > 1` inside one request is deliberately not used: SGLang regenerates request ids for the copies.
+
+LoRA: with `ClientConfig.lora_path` every `/generate` request (rollouts and `logprobs`) names that adapter (SGLang's
+``lora_path``: the ``lora_name`` of an adapter loaded on every server, see `sglang_rollout.weight_sync.lora`).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ class ClientConfig:
     samples_per_request: int = 8
     #: wall-clock bound on one `generate` call
     rollout_timeout_s: float = 3600.0
+    #: the LoRA adapter every /generate request names (its `lora_name` on the servers, e.g. the one
+    #: `weight_sync.lora.Adapter*Transport` loads); None: the base model
+    lora_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("request_timeout_s", "connect_timeout_s", "rollout_timeout_s"):
@@ -116,6 +122,9 @@ class ClientConfig:
             raise ValueError(f"rollout.client.max_retries={self.max_retries}: must be >= 0")
         if self.max_inflight_per_server < 1 or self.samples_per_request < 1:
             raise ValueError("rollout.client.max_inflight_per_server and samples_per_request must be >= 1")
+        if self.lora_path is not None and (not isinstance(self.lora_path, str) or not self.lora_path):
+            raise ValueError(f"rollout.client.lora_path={self.lora_path!r}: must be a non-empty adapter name. Fix: "
+                             "use the lora_name the adapter was loaded under, or None for the base model")
 
 
 @dataclass(frozen=True)
@@ -259,12 +268,15 @@ class RolloutClient:
 
     def _body(self, items: list[_Item]) -> dict:
         params = [it.params for it in items]
-        return {
+        body = {
             "input_ids": [it.prompt for it in items],
             "sampling_params": params if any(p != params[0] for p in params) else params[0],
             "return_logprob": True,
             "rid": [it.rid for it in items],
         }
+        if self.config.lora_path is not None:
+            body["lora_path"] = self.config.lora_path
+        return body
 
     def _run_chunk(self, chunk: list[_Item], results: dict, deadline: float, stop: threading.Event,
                    accept_version: Optional[Callable[[str], bool]] = None) -> None:
@@ -355,6 +367,8 @@ class RolloutClient:
             "return_logprob": True,
             "logprob_start_len": 0,
         }
+        if self.config.lora_path is not None:
+            body["lora_path"] = self.config.lora_path
         srv = self.servers[server].client
         answer = srv.generate(body, self.config.request_timeout_s)
         try:

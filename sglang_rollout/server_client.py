@@ -3,13 +3,18 @@
 Every request body the rollout stack sends is built here (generation bodies in `rollout_client.py` too), so the contract
 tests that record what goes over the wire cover all of it. Control calls that answer `{"success": false}` raise
 `UpdateFailed` with the server's message.
+
+LoRA (SGLang's `/load_lora_adapter`, `/load_lora_adapter_from_tensors`, `/unload_lora_adapter`): the answer is
+SGLang's ``LoRAUpdateOutput`` ``{"success", "error_message", "loaded_adapters"}``, HTTP 400 when success is
+false; the calls return it on success and raise `UpdateFailed` with ``error_message`` otherwise.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Sequence
 
-from sglang_rollout.http_client import HttpClient, ServerError
+from sglang_rollout.http_client import HTTPStatusError, HttpClient, ServerError
 
 __all__ = ["ServerClient", "UpdateFailed"]
 
@@ -117,3 +122,42 @@ class ServerClient:
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         return self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+
+    def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> dict:
+        """Announce `new_version` (SGLang aborts running requests by default; this call does not unless asked)."""
+        return self._update("/update_weight_version", {"new_version": new_version,
+                                                       "abort_all_requests": abort_all_requests})
+
+    # ---- LoRA ----------------------------------------------------------------------------------------------
+
+    def _lora(self, path: str, body: dict) -> dict:
+        """One LoRA call; `LoRAUpdateOutput` on success, `UpdateFailed` with SGLang's error_message otherwise."""
+        try:
+            out = self._post(path, body)
+        except HTTPStatusError as e:
+            try:
+                out = json.loads(e.server_message)
+            except ValueError:
+                raise e from None
+            if not isinstance(out, dict) or "success" not in out:
+                raise
+        if not isinstance(out, dict) or not out.get("success", False):
+            msg = out.get("error_message") if isinstance(out, dict) else out
+            raise UpdateFailed(self.url, path, f"success=false: {msg}")
+        return out
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool = False) -> dict:
+        """Load the PEFT folder `path` (readable by the server) as adapter `name`; requests name it in `lora_path`."""
+        return self._lora("/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": pinned})
+
+    def unload_lora_adapter(self, name: str) -> dict:
+        """Unload adapter `name` (the server first waits for in-flight requests that use it)."""
+        return self._lora("/unload_lora_adapter", {"lora_name": name})
+
+    def load_lora_adapter_from_tensors(self, name: str, config_dict: dict, serialized_tensors: str,
+                                       load_format: Optional[str] = None, pinned: bool = False) -> dict:
+        """Load an adapter from `serialized_tensors` (`tensor_payload.shared_payload` of {PEFT name: tensor}, or
+        of a flattened bucket with load_format="flattened_bucket"; same host only) and its PEFT `config_dict`."""
+        return self._lora("/load_lora_adapter_from_tensors", {
+            "lora_name": name, "config_dict": config_dict, "serialized_tensors": serialized_tensors,
+            "load_format": load_format, "pinned": pinned})

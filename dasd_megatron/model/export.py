@@ -192,8 +192,11 @@ def _gather_tp(mine, local, receivers, tp_group) -> Optional[list[torch.Tensor]]
     """Full (TP-merged) megatron tensors of this stage's items; None on TP ranks that do not receive."""
     from dasd_megatron.model.sharding import is_glu_fc1, merge_tp_shards
 
+    from dasd_megatron.model.lora import merged_local
+
     tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    tensors = [local[it.megatron_name][0].detach().to(it.dtype) for it in mine]
+    # a LoRA-adapted weight is exported merged (W + scale * B A, fp32 then cast): `model/lora.py`
+    tensors = [merged_local(local[it.megatron_name][0]).to(it.dtype) for it in mine]
     sharded = [i for i, it in enumerate(mine) if getattr(local[it.megatron_name][0], "tensor_model_parallel", False)]
     if tp == 1 or not sharded:
         return tensors if (receivers == "all" or tp_rank == 0) else None

@@ -154,13 +154,16 @@ def _check_names_and_shapes(hf_dir: str, arch: HFArchitecture, shapes: dict) -> 
 
 
 def local_params(model) -> Iterable[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
-    """(global name, parameter, GPTModel) for every parameter of this rank's model chunk(s) (a model or a list)."""
+    """(global name, parameter, GPTModel) for every base parameter of this rank's model chunk(s) (a model or a
+    list); LoRA adapter parameters (`model/lora.py`) are not part of the HF checkpoint and are skipped."""
+    from dasd_megatron.model.lora import is_adapter_param
     from dasd_megatron.model.sharding import global_name
 
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
         inner = unwrap(chunk)
         for name, p in inner.named_parameters():
-            yield global_name(inner, name), p, inner
+            if not is_adapter_param(p):
+                yield global_name(inner, name), p, inner
 
 
 def unwrap(module):

@@ -30,7 +30,9 @@ def global_name(model, local_name: str) -> str:
 
 
 def is_glu_fc1(name: str, model_config) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") and bool(getattr(model_config, "gated_linear_unit", False))
+    """The gated MLP's input projection, or its LoRA adapter's B (sharded the same way: `model/lora.py`)."""
+    return (name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1_lora.linear_out.weight"))
+            and bool(getattr(model_config, "gated_linear_unit", False)))
 
 
 def merge_tp_shards(name: str, shards: list[torch.Tensor], partition_dim: int, glu: bool) -> torch.Tensor:

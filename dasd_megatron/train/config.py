@@ -27,8 +27,10 @@ class TrainConfig:
     first update (a scoring pass), so from the second update on the PPO ratio moves and `loss.clip_eps_low` /
     `loss.clip_eps_high` act. 1: on-policy, one step per batch (the ratio is 1). The paper's neighbouring recipes
     (train batch 256, PPO mini-batch 128) use 2."""
-    teacher: Literal["current", "frozen", "ema"] = "current"
-    """Teacher weights: the current policy (METHOD.md default), the frozen initial policy, or an EMA of the policy."""
+    teacher: Literal["current", "frozen", "ema", "base"] = "current"
+    """Teacher weights: the current policy (METHOD.md default), the frozen initial policy, or an EMA of the policy.
+    With LoRA (`model.lora.rank > 0`): 'base' is the base network with the adapter disabled (the frozen initial
+    policy at no extra memory: the adapter starts at zero), and 'ema' an EMA of the adapter on the shared base."""
     ema_decay: float = 0.99
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop prompt groups whose G rewards are all equal (zero GRPO advantage) and draw
@@ -74,8 +76,9 @@ class TrainConfig:
                 f"{self.max_prompt_tokens + self.max_response_tokens})",
                 f"set train.micro_batch_tokens >= {self.max_prompt_tokens + self.max_response_tokens}",
             )
-        if self.teacher not in ("current", "frozen", "ema"):
-            raise config_error("train.teacher", self.teacher, "unknown teacher mode", "use current, frozen or ema")
+        if self.teacher not in ("current", "frozen", "ema", "base"):
+            raise config_error("train.teacher", self.teacher, "unknown teacher mode",
+                               "use current, frozen, ema or base (LoRA)")
         if not 0.0 < self.ema_decay < 1.0:
             raise config_error("train.ema_decay", self.ema_decay, "must be in (0, 1)", "use e.g. 0.99")
         for name in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):

@@ -2,8 +2,13 @@
 
 Each handler takes the parsed JSON body (and query) and returns a `Reply(status, body)`; `server.py` does the
 HTTP. Request bodies are checked against `sglang_rollout.contract` first (400 `{"error": ...}` as SGLang does).
-What the built-in server cannot do (text prompts: it has no tokenizer; streaming; top-logprobs; LoRA; ...) is a
+What the built-in server cannot do (text prompts: it has no tokenizer; streaming; top-logprobs; ...) is a
 400 that names the field, never a silent approximation.
+
+LoRA (``--enable-lora``; see `builtin_server/lora.py`): `/load_lora_adapter`, `/load_lora_adapter_from_tensors`
+and `/unload_lora_adapter` answer SGLang's ``LoRAUpdateOutput`` (200 on success, 400 ``success: false`` with
+SGLang's messages); `/generate`'s ``lora_path`` (str, or one entry per prompt, null = base) names a loaded
+adapter, and an unknown name is a 400 listing the loaded ones. `/server_info` lists them (``loaded_adapters``).
 
 Memory release/resume (`/release_memory_occupation`, `/resume_memory_occupation`): on CPU there is nothing to free,
 but the server keeps SGLang's bookkeeping and its rules, so a trainer's choreography that would break a real
@@ -30,7 +35,10 @@ import torch
 from sglang_rollout.builtin_server.model_runner import ModelRunner, WeightLoadError
 from sglang_rollout.builtin_server.sampler import SamplingSpec
 from sglang_rollout.builtin_server.scheduler import Scheduler, Sequence
-from sglang_rollout.contract import ContractError
+from sglang_rollout.builtin_server.lora import (TENSOR_PATH, LoRAError, config_rank, config_targets,
+                                                decode_lora_tensors, parse_lora_paths, read_peft_folder,
+                                                resolve_target_modules)
+from sglang_rollout.contract import LORA_NOT_ENABLED, LORA_TARGET_MODULES, ContractError, lora_exists_error
 from sglang_rollout.process_group import destroy_weights_update_group, init_weights_update_group, parse_dtype
 from sglang_rollout.tensor_payload import PayloadError, deserialize_named_tensors, unflatten_bucket
 
@@ -76,9 +84,38 @@ class Api:
 
     def load(self) -> None:
         self.runner = ModelRunner(self.args.model_path, self.args.dtype)
+        if self.args.enable_lora:
+            self._start_lora()
         self.scheduler = Scheduler(self.runner, max_batch_size=self.args.max_batch_size)
         self.scheduler.start()
         self.ready = True
+
+    def _start_lora(self) -> None:
+        """Install the LoRA hooks and load ``--lora-paths``; rank / targets not given come from those adapters
+        (as SGLang infers them). A bad startup adapter stops the server with the reason."""
+        a = self.args
+        initial = parse_lora_paths(a.lora_paths)
+        read = []
+        for name, path in initial:
+            try:
+                read.append((name, path, *read_peft_folder(path)))
+            except LoRAError as e:
+                raise ValueError(f"--lora-paths {name}={path}: {e}") from None
+        try:
+            rank = a.max_lora_rank or max(config_rank(cfg) for _, _, cfg, _ in read)
+            targets = resolve_target_modules(a.lora_target_modules) or resolve_target_modules(
+                sorted({k for _, _, cfg, _ in read for k in config_targets(cfg) if k in LORA_TARGET_MODULES}))
+        except (LoRAError, ValueError) as e:
+            raise ValueError(f"--lora-paths: cannot infer --max-lora-rank / --lora-target-modules: {e}") from None
+        lora = self.runner.enable_lora(max_rank=rank, target_modules=targets,
+                                       max_loras_per_batch=a.max_loras_per_batch, unload_wait_s=a.lora_unload_wait_s)
+        for name, path, cfg, tensors in read:
+            try:
+                lora.register(lora.build(name, path, cfg, tensors))
+            except LoRAError as e:
+                raise ValueError(f"--lora-paths {name}={path}: {e}") from None
+        log.info("LoRA enabled: max rank %d, target modules %s, %d adapter(s) at start", rank, list(targets),
+                 len(read))
 
     def shutdown(self) -> None:
         self.ready = False
@@ -127,10 +164,14 @@ class Api:
 
     def server_info(self, body, query) -> Reply:
         info = {k: v for k, v in vars(self.args).items() if k != "api_key"}
+        lora = self.runner.lora
+        if lora is not None:  # the resolved limits (inferred from --lora-paths when not given)
+            info.update(max_lora_rank=lora.max_rank, lora_target_modules=list(lora.target_modules))
         return Reply(200, {**info, "startup_time": self.started, "version": "builtin", "frontend": "python",
                            "internal_states": [dict(self.scheduler.stats)], "weight_version": self.weight_version,
                            "memory_released": sorted(self.released), "memory_calls": dict(self.memory_calls),
-                           "weight_update_groups": sorted(self._groups)})
+                           "weight_update_groups": sorted(self._groups),
+                           "loaded_adapters": None if lora is None else lora.loaded_adapters()})
 
     # ---- generate ------------------------------------------------------------------------------------------
 
@@ -146,7 +187,6 @@ class Api:
         # (the body was checked against the contract by server.py)
         for key, why in (("text", "the built-in server has no tokenizer: send input_ids"),
                          ("input_embeds", "input_embeds is not supported by the built-in server"),
-                         ("lora_path", "LoRA is not supported by the built-in server"),
                          ("custom_logit_processor", "custom logit processors are not supported"),
                          ("token_ids_logprob", "token_ids_logprob is not supported by the built-in server")):
             if body.get(key) is not None:
@@ -191,16 +231,42 @@ class Api:
         ret_lp = per_item("return_logprob", False)
         starts = per_item("logprob_start_len", -1)
         rids = per_item("rid", None)
+        loras = per_item("lora_path", None)
         seqs: list[Sequence] = []
         for i, (prompt, spec) in enumerate(zip(prompts, specs)):
             for j in range(spec.n):
                 rid = rids[i] if (rids[i] is not None and spec.n == 1) else uuid.uuid4().hex
                 seqs.append(self._sequence(rid, list(prompt), spec, bool(ret_lp[i]),
                                            -1 if starts[i] is None else int(starts[i])))
-        self.scheduler.submit(seqs)
+        self._attach_adapters(seqs, [loras[i] for i, spec in enumerate(specs) for _ in range(spec.n)])
+        try:
+            self.scheduler.submit(seqs)
+        except BaseException:
+            if self.runner.lora is not None:
+                for s in seqs:
+                    self.runner.lora.release(s.adapter)
+            raise
         outs = [self._result(s, body.get("return_prompt_token_ids", False)) for s in seqs]
         many = batched or any(s.n > 1 for s in specs)
         return Reply(200, outs if many else outs[0])
+
+    def _attach_adapters(self, seqs: list[Sequence], names: list) -> None:
+        """Resolve each sequence's `lora_path` to a loaded adapter, counted in flight until it finishes."""
+        if all(n is None for n in names):
+            return
+        lora = self.runner.lora
+        if lora is None:
+            raise ContractError(f"lora_path: {LORA_NOT_ENABLED}")
+        try:
+            adapters = lora.acquire(names)
+        except KeyError as e:
+            raise ContractError(f"lora_path: LoRA adapter {e.args[0]!r} is not loaded. Loaded LoRAs: "
+                                f"{lora.names()}. Fix: load it with /load_lora_adapter first (lora_path names a "
+                                "loaded adapter's lora_name), or drop lora_path for the base model") from None
+        for s, a in zip(seqs, adapters):
+            s.adapter = a
+            if a is not None:
+                s.future.add_done_callback(lambda _f, a=a: lora.release(a))
 
     def _result(self, s: Sequence, return_prompt_ids: bool) -> dict:
         s.future.result()
@@ -390,6 +456,58 @@ class Api:
             return _err(400, str(e))
 
 
+    # ---- LoRA ----------------------------------------------------------------------------------------------
+
+    def _lora_reply(self, ok: bool, error: Optional[str] = None) -> Reply:
+        """SGLang's `LoRAUpdateOutput`, 200 on success else 400."""
+        lora = self.runner.lora
+        return Reply(200 if ok else 400, {"success": ok, "error_message": error,
+                                          "loaded_adapters": None if lora is None else lora.loaded_adapters()})
+
+    def _lora_load(self, body, what: str, read) -> Reply:
+        lora = self.runner.lora
+        if lora is None:
+            return self._lora_reply(False, LORA_NOT_ENABLED)
+        name = body["lora_name"]
+        with lora.op_lock:
+            try:
+                if lora.exists(name):
+                    raise LoRAError(lora_exists_error(name, lora.names()))
+                path, config, tensors = read()
+                lora.register(lora.build(name, path, config, tensors, pinned=body.get("pinned", False),
+                                         lora_id=body.get("lora_id")))
+            except LoRAError as e:
+                log.warning("%s %r failed: %s", what, name, e)
+                return self._lora_reply(False, str(e))
+        return self._lora_reply(True)
+
+    def load_lora_adapter(self, body, query) -> Reply:
+        path = body["lora_path"]
+        return self._lora_load(body, "load_lora_adapter", lambda: (path, *read_peft_folder(path)))
+
+    def load_lora_adapter_from_tensors(self, body, query) -> Reply:
+        def read():
+            if body.get("added_tokens_config"):
+                raise LoRAError("added_tokens_config: adapters that add tokens are not supported by the built-in "
+                                "server")
+            return TENSOR_PATH, body["config_dict"], decode_lora_tensors(body["serialized_tensors"],
+                                                                          body.get("load_format"))
+
+        return self._lora_load(body, "load_lora_adapter_from_tensors", read)
+
+    def unload_lora_adapter(self, body, query) -> Reply:
+        lora = self.runner.lora
+        if lora is None:
+            return self._lora_reply(False, LORA_NOT_ENABLED)
+        with lora.op_lock:
+            try:
+                lora.unregister(body["lora_name"])
+            except LoRAError as e:
+                log.warning("unload_lora_adapter %r failed: %s", body["lora_name"], e)
+                return self._lora_reply(False, str(e))
+        return self._lora_reply(True)
+
+
 def _as_list(v) -> list:
     if v is None:
         return []
@@ -418,4 +536,11 @@ ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
     "/pause_generation": (("POST",), "pause_generation"),
     "/continue_generation": (("POST",), "continue_generation"),
     "/abort_request": (("POST",), "abort_request"),
+}
+
+#: the LoRA routes (their contract is `sglang_rollout.contract.LORA_ENDPOINTS`)
+LORA_ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
+    "/load_lora_adapter": (("POST",), "load_lora_adapter"),
+    "/unload_lora_adapter": (("POST",), "unload_lora_adapter"),
+    "/load_lora_adapter_from_tensors": (("POST",), "load_lora_adapter_from_tensors"),
 }

@@ -7,6 +7,9 @@ takes and the trainer's exporter yields. Tied embeddings appear under both names
 Every forward and every weight update holds `lock`, so an update lands between two decode steps, never inside
 one. A weight load validates all names, shapes and dtypes first and only then copies, so a bad load leaves the old
 weights in place (SGLang rolls back a failed disk load the same way).
+
+With LoRA enabled (`enable_lora`), `forward(..., adapter=...)` runs the batch with that adapter (or none) by
+setting `LoRAManager.active`, which the forward hooks of `builtin_server/lora.py` read.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class ModelRunner:
         self._params: dict[str, torch.nn.Parameter] = dict(self.model.state_dict(keep_vars=True))
         fwd = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
+        #: the LoRA adapters (None: served without --enable-lora)
+        self.lora = None
         log.info("loaded %s (%s, %d tensors, vocab %d, eos %s)", model_path, dtype, len(self._params),
                  self.vocab_size, sorted(self.eos_ids))
 
@@ -83,18 +88,37 @@ class ModelRunner:
         except TypeError:  # older transformers
             return DynamicCache()
 
+    def enable_lora(self, *, max_rank: int, target_modules, max_loras_per_batch: int = 8,
+                    unload_wait_s: float = 30.0):
+        """Install the LoRA forward hooks on the targeted Linear modules (once); returns the `LoRAManager`."""
+        from sglang_rollout.builtin_server.lora import LoRAManager
+
+        if self.lora is None:
+            self.lora = LoRAManager(self.model, self.dtype, max_rank=max_rank, target_modules=target_modules,
+                                    max_loras_per_batch=max_loras_per_batch, unload_wait_s=unload_wait_s)
+        return self.lora
+
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, position_ids, cache, all_logits: bool):
-        """One forward: logits [B, T, V] (or [B, 1, V] unless all_logits) and the updated cache."""
+    def forward(self, input_ids, attention_mask, position_ids, cache, all_logits: bool, adapter=None):
+        """One forward: logits [B, T, V] (or [B, 1, V] unless all_logits) and the updated cache. `adapter`: the
+        LoRA adapter every row of the batch runs with (None: the base model)."""
+        if adapter is not None and self.lora is None:
+            raise RuntimeError("forward with a LoRA adapter on a runner without LoRA enabled")
         with self.lock:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-                **{self._cache_kw: cache},
-            )
+            if self.lora is not None:
+                self.lora.active = adapter
+            try:
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    logits_to_keep=0 if all_logits else 1,
+                    **{self._cache_kw: cache},
+                )
+            finally:
+                if self.lora is not None:
+                    self.lora.active = None
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = out.past_key_values

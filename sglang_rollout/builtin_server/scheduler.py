@@ -1,12 +1,20 @@
 """The built-in server's scheduler: a queue of sequences run in batches with a KV cache.
 
-One thread takes every waiting sequence (up to `max_batch_size`, after a short window that lets concurrent
+One thread takes the waiting sequences (up to `max_batch_size`, after a short window that lets concurrent
 requests join), left-pads the prompts, runs one prefill and then decode steps, dropping finished rows from the
 batch and its cache as they finish. Sequences that arrive meanwhile wait for the next batch (no mid-batch joins).
 
+LoRA: a batch runs with one adapter or none (`Sequence.adapter`). The next batch takes the adapter of the oldest
+waiting sequence and every waiting sequence with that same adapter (in arrival order); the others stay queued for
+the following batches. So no forward (prefill or decode step) ever mixes adapters, and a base request and an
+adapter request sent together come back exactly as when sent alone.
+
 Pause (`/pause_generation`): mode "abort" finishes every queued and running sequence with an `abort`
 finish_reason; "in_place" and "retract" hold the running batch at the next step boundary. In every mode no new
-batch starts until `/continue_generation`. Weight updates take the model lock, so they land between two steps.
+batch starts until `/continue_generation`. Requests that arrive while paused are held aside (SGLang holds them in
+its tokenizer manager, before the scheduler) and join the queue on continue: they do not count as pending for
+`/flush_cache` or `/release_memory_occupation`, as in SGLang. Weight updates take the model lock, so they land
+between two steps.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -43,6 +51,8 @@ class Sequence:
     finish_reason: Optional[dict] = None
     abort_message: Optional[str] = None
     created: float = field(default_factory=time.monotonic)
+    #: the LoRA adapter this sequence runs with (a `builtin_server.lora.LoRAAdapter`; None: the base model)
+    adapter: Optional[Any] = None
 
     def stop_ids(self, eos_ids: set[int]) -> set[int]:
         return set(self.spec.stop_token_ids) | (set() if self.spec.ignore_eos else eos_ids)
@@ -57,6 +67,8 @@ class Scheduler:
         self.batch_window_s = batch_window_s
         self._cv = threading.Condition()
         self._queue: list[Sequence] = []
+        #: submitted while paused: join the queue on resume (see module docstring)
+        self._held: list[Sequence] = []
         self._running: list[Sequence] = []
         self._paused = False
         self._pause_mode = "abort"
@@ -72,21 +84,22 @@ class Scheduler:
     def stop(self) -> None:
         with self._cv:
             self._stop = True
-            for s in self._queue + self._running:
+            for s in self._queue + self._held + self._running:
                 s.abort_message = "server shutting down"
             self._cv.notify_all()
         self._thread.join(timeout=10)
-        for s in self._queue:
+        for s in self._queue + self._held:
             self._finish_abort(s)
 
     def submit(self, seqs: list[Sequence]) -> None:
         with self._cv:
             if self._stop:
                 raise RuntimeError("server is shutting down")
-            self._queue.extend(seqs)
+            (self._held if self._paused else self._queue).extend(seqs)
             self._cv.notify_all()
 
     def busy(self) -> bool:
+        """Sequences queued or running (those held while paused do not count, as in SGLang)."""
         with self._cv:
             return bool(self._queue or self._running)
 
@@ -114,6 +127,8 @@ class Scheduler:
     def resume(self) -> None:
         with self._cv:
             self._paused = False
+            self._queue.extend(self._held)
+            self._held.clear()
             self._cv.notify_all()
 
     def abort(self, rid: Optional[str], message: str = "aborted by /abort_request") -> int:
@@ -122,12 +137,13 @@ class Scheduler:
 
     def _abort_locked(self, rid: Optional[str], message: str) -> int:
         n = 0
-        for s in list(self._queue):
-            if rid is None or s.rid == rid:
-                self._queue.remove(s)
-                s.abort_message = message
-                self._finish_abort(s)
-                n += 1
+        for waiting in (self._queue, self._held):
+            for s in list(waiting):
+                if rid is None or s.rid == rid:
+                    waiting.remove(s)
+                    s.abort_message = message
+                    self._finish_abort(s)
+                    n += 1
         for s in self._running:
             if rid is None or s.rid == rid:
                 s.abort_message = message  # finished by the scheduler at the next step boundary
@@ -145,10 +161,9 @@ class Scheduler:
                     return
             time.sleep(self.batch_window_s)  # let concurrent requests join this batch
             with self._cv:
-                if self._paused:
+                if self._paused or not self._queue:
                     continue
-                batch = self._queue[: self.max_batch_size]
-                del self._queue[: len(batch)]
+                batch = self._next_batch()
                 self._running = list(batch)
             try:
                 self._run_batch(batch)
@@ -161,6 +176,14 @@ class Scheduler:
                 with self._cv:
                     self._running = []
                     self._cv.notify_all()
+
+    def _next_batch(self) -> list[Sequence]:
+        """Take the oldest waiting sequence's adapter group (at most `max_batch_size`) off the queue."""
+        adapter = self._queue[0].adapter
+        batch = [s for s in self._queue if s.adapter is adapter][: self.max_batch_size]
+        taken = set(map(id, batch))
+        self._queue = [s for s in self._queue if id(s) not in taken]
+        return batch
 
     def _wait_if_held(self) -> None:
         """In-place pause: hold the running batch here until /continue_generation (or an abort)."""
@@ -193,7 +216,8 @@ class Scheduler:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         want_input_lp = any(s.return_logprob and s.logprob_start_len >= 0 for s in batch)
         cache = r.new_cache()
-        logits, cache = r.forward(ids, mask, pos, cache, all_logits=want_input_lp)
+        adapter = batch[0].adapter  # one per batch (see `_next_batch`)
+        logits, cache = r.forward(ids, mask, pos, cache, all_logits=want_input_lp, adapter=adapter)
         if want_input_lp:
             self._input_logprobs(batch, ids, logits, lmax)
         last = logits[:, -1, :]
@@ -235,7 +259,7 @@ class Scheduler:
             active = keep
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)
             logits, cache = r.forward(torch.tensor(tokens_in).unsqueeze(1), mask, next_pos.unsqueeze(1), cache,
-                                      all_logits=False)
+                                      all_logits=False, adapter=adapter)
             last = logits[:, -1, :]
             next_pos = next_pos + 1
 

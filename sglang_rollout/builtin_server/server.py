@@ -16,6 +16,11 @@ needs ``Authorization: Bearer <key>`` — 401 ``{"error": "Unauthorized"}`` othe
 the body, compared in constant time. The process takes its key from ``$DASD_ROLLOUT_API_KEY``, ``--api-key-file PATH``
 (mode 0600) or ``$DASD_ROLLOUT_API_KEY_FILE``; ``--api-key KEY`` works (SGLang's flag) but shows the key to everyone
 in ``ps``. A server bound beyond loopback (e.g. ``--host 0.0.0.0``) refuses to start without a key.
+
+LoRA (SGLang's flags): ``--enable-lora --max-lora-rank 16 --lora-target-modules q_proj v_proj`` (or ``all``),
+``--lora-paths name=/adapter/folder ...`` (loaded at start; implies ``--enable-lora``, and gives the rank / target
+modules when those flags are left out), ``--max-loras-per-batch 8`` (accepted for parity: a built-in batch runs
+one adapter). ``--lora-unload-wait-s`` bounds how long an unload waits for in-flight requests (built-in only).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from sglang_rollout.auth import API_KEY_ENV, API_KEY_FILE_ENV, bearer_matches, is_loopback, read_key_file, \
     server_key_from_env
-from sglang_rollout.builtin_server.api import ROUTES, Api, Reply
-from sglang_rollout.contract import ENDPOINTS, ContractError, validate_body
+from sglang_rollout.builtin_server.api import LORA_ROUTES, ROUTES, Api, Reply
+from sglang_rollout.contract import ContractError, endpoint, validate_body
 from sglang_rollout.supervise import PARENT_PID_ENV, ProcessWatch
 
 log = logging.getLogger(__name__)
@@ -63,12 +68,41 @@ class ServerArgs:
     enable_memory_saver: bool = False  # idem
     dist_timeout_s: float = 300.0
     log_level: str = "info"
+    #: LoRA (SGLang's flags; see the module docstring)
+    enable_lora: bool = False
+    max_lora_rank: Optional[int] = None
+    lora_target_modules: Optional[tuple[str, ...]] = None
+    lora_paths: tuple[str, ...] = ()
+    max_loras_per_batch: int = 8
+    lora_unload_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
+        from sglang_rollout.builtin_server.lora import parse_lora_paths, resolve_target_modules
+
         if self.tp_size != 1:
             raise ValueError(f"--tp-size {self.tp_size}: the built-in server runs one process (tp_size 1)")
         if self.max_batch_size < 1:
             raise ValueError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = (self.lora_target_modules,)
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = tuple(self.lora_target_modules)
+            resolve_target_modules(self.lora_target_modules)  # names checked here
+        self.lora_paths = (self.lora_paths,) if isinstance(self.lora_paths, str) else tuple(self.lora_paths or ())
+        parse_lora_paths(self.lora_paths)
+        if self.lora_paths:
+            self.enable_lora = True  # as SGLang: initial adapters turn LoRA on
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"--max-lora-rank {self.max_lora_rank}: must be >= 1")
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"--max-loras-per-batch {self.max_loras_per_batch}: must be >= 1")
+        if self.enable_lora and not self.lora_paths and (self.max_lora_rank is None or not self.lora_target_modules):
+            raise ValueError("--enable-lora without --lora-paths needs both --max-lora-rank and "
+                             "--lora-target-modules (SGLang's rule: nothing to infer them from). Fix: e.g. "
+                             "--max-lora-rank 64 --lora-target-modules all")
+        if not self.enable_lora and (self.max_lora_rank is not None or self.lora_target_modules):
+            raise ValueError("--max-lora-rank / --lora-target-modules given without --enable-lora. Fix: add "
+                             "--enable-lora")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -127,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._send(Reply(400, {"error": "bad or missing Content-Length"}))
         raw = self.rfile.read(length) if length else b""
-        route = ROUTES.get(parts.path)
+        route = ROUTES.get(parts.path) or LORA_ROUTES.get(parts.path)
         if route is None:
             return self._send(Reply(404, {"error": f"no endpoint {parts.path}"}))
         methods, handler = route
@@ -141,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(Reply(400, {"error": f"invalid JSON body: {e}"}))
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
-            if path in ENDPOINTS and ENDPOINTS[path].has_body:
+            ep = endpoint(path)
+            if ep is not None and ep.has_body:
                 validate_body(path, body)
             reply = getattr(api, handler)(body, query)
         except ContractError as e:
@@ -206,8 +241,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerArgs:
             p.add_argument(flag, action="store_true")
         elif f.name == "model_path":
             p.add_argument(flag, required=True)
+        elif "tuple[str" in str(f.type):  # --lora-target-modules q_proj v_proj, --lora-paths a=/p b=/q
+            p.add_argument(flag, nargs="+", default=f.default)
         else:
-            conv = {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            conv = {"int": int, "float": float, "Optional[float]": float, "Optional[int]": int}.get(str(f.type), str)
             p.add_argument(flag, type=conv, default=f.default)
     return ServerArgs(**vars(p.parse_args(argv)))
 
