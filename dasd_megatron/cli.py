@@ -8,7 +8,8 @@
     dasd sweep --recipes R1,R2 --seeds 3 --out DIR      every recipe x seed, locally or on SLURM; resumable
     dasd sweep-report DIR                                per-method means and 95% CIs across seeds, plots
     dasd report RUN_DIR [--out DIR]                      plots and a Markdown summary of a run's metrics.jsonl
-    dasd export RUN_DIR [--step N] [--out DIR] [--teacher]   the trained policy (or teacher) as a HF folder
+    dasd export RUN_DIR [--step N] [--out DIR] [--teacher] [--adapter] [--base PATH]   the trained policy (or
+                                                         teacher) as a HF folder; LoRA: merged, or a PEFT adapter
     dasd submit --recipe R --executor local|slurm [--dryrun] [key=value ...]   launch a recipe through nemo-run
 
 Overrides are dotted config fields, e.g. `parallel.tensor=2 model.hf_config=/path/to/hf_model`. With `--nproc N`
@@ -191,13 +192,18 @@ def cmd_export(args) -> int:
     logging.getLogger("dasd_megatron").setLevel(logging.WARNING)
     try:
         stats = run_export(args.path, args.out, step=args.step, teacher=args.teacher, dtype=args.dtype,
-                           hf_config=args.hf_config, overwrite=args.overwrite)
+                           hf_config=args.hf_config, overwrite=args.overwrite, base=args.base, adapter=args.adapter)
     except ConversionError as e:
         print(f"dasd export: error: {e}", file=sys.stderr)
         return 2
     print(export_summary(stats))
-    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({stats['out_dir']!r}); evaluate it: "
-          f"dasd eval --model {stats['out_dir']} --output runs/eval/NAME")
+    lora = stats.get("lora")
+    if lora and lora["mode"] == "adapter":
+        print(f"load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({lora['base']!r}), "
+              f"{stats['out_dir']!r}); or export it merged (without --adapter) for `dasd eval`")
+    else:
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({stats['out_dir']!r}); evaluate it: "
+              f"dasd eval --model {stats['out_dir']} --output runs/eval/NAME")
     return 0
 
 
@@ -223,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="a run's trained policy (or teacher) -> a Hugging Face folder",
                        description="Export the newest (or --step) checkpoint of a run, or a checkpoint folder, as a "
                                    "Hugging Face folder (safetensors, config, tokenizer) that transformers, SGLang "
-                                   "and `dasd eval` load. Default output: RUN_DIR/export/step_N (-teacher).")
+                                   "and `dasd eval` load. Default output: RUN_DIR/export/step_N (-teacher). A LoRA "
+                                   "run's checkpoint is merged into its base model (W + alpha/rank B A), or with "
+                                   "--adapter written as a PEFT adapter folder.")
     e.add_argument("path", metavar="RUN_DIR", help="a run folder, or a checkpoint folder (RUN_DIR/checkpoints/step_N)")
     e.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
     e.add_argument("--out", help="output folder (default: RUN_DIR/export/step_N)")
@@ -232,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the checkpoint's)")
     e.add_argument("--hf-config", help="HF folder for config/tokenizer (default: the checkpoint's own)")
     e.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    e.add_argument("--adapter", action="store_true",
+                   help="LoRA checkpoints: write the adapter alone as a PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors + tokenizer) instead of the merged model; reads no base weights "
+                        "(default output: RUN_DIR/export/step_N-adapter)")
+    e.add_argument("--base", metavar="PATH",
+                   help="LoRA checkpoints: the base HF folder, when it is no longer where the run read it (default: "
+                        "the recorded one; its weights' fingerprint must match the recorded one)")
     e.set_defaults(func=cmd_export)
     add_submit_parser(sub)
     add_report_parser(sub)

@@ -294,6 +294,11 @@ def validate_layout(cfg: RunConfig, arch, world_size: int, te_available: bool) -
         raise config_error("model.lora.rank", lora.rank, f"the adapter's rank dimension is split over "
                            f"parallel.tensor={tp} (megatron's layout for A of a column-parallel linear)",
                            f"use a multiple of {tp}, e.g. {-(-lora.rank // tp) * tp}")
+    if lora.enabled and lora.sync == "adapter" and cfg.rollout.transport == "distributed":
+        raise config_error("rollout.transport", "distributed", "an adapter-only sync (model.lora.sync=adapter) goes "
+                           "through SGLang's /load_lora_adapter (a PEFT folder) or /load_lora_adapter_from_tensors, "
+                           "not the weight-update group", "use rollout.transport=disk or tensor, or "
+                           "model.lora.sync=merged")
     if cfg.train.teacher == "base" and not lora.enabled:
         raise config_error("train.teacher", "base", "the base-network teacher is the model with its LoRA adapter "
                            "disabled, and model.lora.rank=0 trains the whole model",

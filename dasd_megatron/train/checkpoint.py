@@ -24,6 +24,15 @@ def inner_module(model):
 
 
 
+def trained_sharded_state_dict(model) -> dict:
+    """What a training checkpoint stores of the model: every parameter, or with LoRA (`model/lora.py`) the adapters
+    only (the frozen base is the HF folder the run started from, identified in the checkpoint's metadata)."""
+    from dasd_megatron.model.lora import adapter_sharded_state_dict, has_adapters
+
+    inner = inner_module(model)
+    return adapter_sharded_state_dict(inner) if has_adapters(inner) else inner.sharded_state_dict()
+
+
 def save_model(model, ckpt_dir: str) -> None:
     """Save the model's sharded state dict (each rank writes its shards; megatron dedups replicas)."""
     from megatron.core import dist_checkpointing
@@ -125,15 +134,17 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, state: dict
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    inner = inner_module(model)
-    model_sd = inner.sharded_state_dict()
+    model_sd = trained_sharded_state_dict(model)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)}
     dist_checkpointing.save(sharded, tmp)
     if teacher is not None:
         if rank == 0:
             os.makedirs(os.path.join(tmp, TEACHER_DIR))
         dist.barrier()
-        dist_checkpointing.save(inner_module(teacher).sharded_state_dict(), os.path.join(tmp, TEACHER_DIR))
+        if hasattr(teacher, "save_to"):  # a LoRA teacher (train/teacher.py): its adapter state only
+            teacher.save_to(os.path.join(tmp, TEACHER_DIR))
+        else:
+            dist_checkpointing.save(inner_module(teacher).sharded_state_dict(), os.path.join(tmp, TEACHER_DIR))
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
     dist.barrier()
@@ -218,13 +229,18 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
     if not ckpts:
         return None
     _, path = ckpts[-1]
+    from dasd_megatron.model.lora import has_adapters, load_adapter_state
+
     inner = inner_module(model)
-    model_sd = inner.sharded_state_dict()
+    model_sd = trained_sharded_state_dict(model)
     _fill_empty_adam_state(optimizer)
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)}
     state = dist_checkpointing.load(sharded, path)
-    inner.load_state_dict(state["model"])
+    if has_adapters(inner):
+        load_adapter_state(inner, state["model"])
+    else:
+        inner.load_state_dict(state["model"])
     adam_steps = _loaded_adam_steps(optimizer, state["optimizer"])
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters that require grad
         optimizer.load_state_dict(state["optimizer"])
@@ -235,7 +251,10 @@ def load_training_checkpoint(root: str, model, optimizer, step: int | None = Non
             raise FileNotFoundError(
                 f"{path} has no teacher weights ({TEACHER_DIR}/): it was written by a run with train.teacher=current. "
                 "Fix: resume with the teacher mode the run was started with, or start a new run_dir")
-        load_model(teacher, tdir)
+        if hasattr(teacher, "load_from"):
+            teacher.load_from(tdir)
+        else:
+            load_model(teacher, tdir)
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
     meta["checkpoint_dir"] = path

@@ -48,6 +48,7 @@ metrics over the CP group.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -152,8 +153,9 @@ PER_UPDATE_METRICS = ("loss/dasd", "loss/clip_frac", "loss/ratio_mean", "loss/ra
 
 class DASDStep:
     def __init__(self, model, optimizer, cfg: RunConfig, arch, ctx, teacher=None):
-        """`teacher`: a `TeacherWeights` (train.teacher=frozen/ema) whose model runs the teacher forwards; None: the
-        policy itself (train.teacher=current)."""
+        """`teacher`: a `TeacherWeights` (train.teacher=frozen/ema) whose model runs the teacher forwards, an
+        `AdapterTeacher` (LoRA: base/ema) in whose context the policy runs them; None: the policy itself
+        (train.teacher=current)."""
         check_supported(cfg, ctx.world_size)
         if (teacher is None) != (cfg.train.teacher == "current"):
             raise ValueError(f"DASDStep: train.teacher={cfg.train.teacher!r} but teacher weights were "
@@ -411,7 +413,12 @@ class DASDStep:
         policy = inner_module(model)
         if not with_teacher:
             return self._forward(model, mb.student), None
-        tnet = policy if self.teacher is None else self.teacher.model
+        # a separate teacher network (frozen / EMA copy), or the policy itself: as it is (current), or inside the
+        # LoRA teacher's context (adapter disabled: base; EMA adapter swapped in: ema)
+        separate = self.teacher is not None and self.teacher.model is not None
+        tnet = self.teacher.model if separate else policy
+        within = (self.teacher.applied(policy) if self.teacher is not None and not separate
+                  else contextlib.nullcontext())
         received = None if ctx.is_first_stage else policy.decoder.input_tensor
         if received is not None:
             ns, nt = self._stage_rows(mb.student), self._stage_rows(mb.teacher)
@@ -419,7 +426,7 @@ class DASDStep:
                 raise RuntimeError(f"pipeline stage received {received.shape[0]} rows, expected the student's {ns} + "
                                    f"the teacher's {nt}")
             tnet.set_input_tensor(received[ns:].detach())
-        with torch.no_grad():
+        with torch.no_grad(), within:
             t_out = self._forward(tnet, mb.teacher)
         if received is not None:
             policy.set_input_tensor(received[:ns])

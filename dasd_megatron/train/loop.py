@@ -47,6 +47,7 @@ from dasd_megatron.model.builder import build_model, layout_summary
 from dasd_megatron.model.export import iter_hf_weight_buckets
 from dasd_megatron.model.hf_config import load_hf_architecture
 from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
+from dasd_megatron.model.lora import apply_lora, base_fingerprint, iter_adapter_buckets, peft_config
 from dasd_megatron.model.pretrained import has_weights, resolve_pretrained
 from dasd_megatron.packing import balanced_dp_split
 from dasd_megatron.parallel import destroy_parallel, env_world_size, initialize_parallel
@@ -60,13 +61,14 @@ from dasd_megatron.train.config import TrainConfig
 from dasd_megatron.train.dasd_step import DASDStep
 from dasd_megatron.train.engine import build_optimizer, wrap_ddp
 from dasd_megatron.train.metrics_log import MetricsLogger, truncate_jsonl_after
-from dasd_megatron.train.teacher import TeacherWeights
+from dasd_megatron.train.teacher import AdapterTeacher, TeacherWeights
 from sglang_rollout.http_client import HttpClient
 from sglang_rollout.manager import ManagerConfig, ServerConfig, ServerManager
 from sglang_rollout.process_group import free_store_port, master_address_for
 from sglang_rollout.rollout_client import ClientConfig, RolloutClient, Sample, SamplingConfig
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.weight_sync.sync import WeightSync, drain
+from sglang_rollout.weight_sync.lora import AdapterDiskTransport, AdapterTensorTransport
 from sglang_rollout.weight_sync.transports import DiskTransport, DistributedTransport, TensorTransport
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ RESAMPLE_ROUND_SEED_STRIDE = 100_003
 #: steps near s would do): its seeds are not those of the training steps around it, so a sampled evaluation
 #: (`train.eval_temperature > 0`) does not replay their responses. Greedy decoding does not use them.
 EVAL_SEED_OFFSET = 7_919
+#: the adapter's name on the rollout servers (`model.lora.sync=adapter`): every request names it (`lora_path`)
+ADAPTER_NAME = "policy"
 
 
 # -- scored rollouts and dynamic sampling (pure: no model, no server) ------------------------------------------------
@@ -209,12 +213,22 @@ class Trainer:
         cfg = _with_local_model(cfg)
         self.cfg = cfg
         self.ctx = initialize_parallel(cfg.parallel, seed=cfg.model.seed)
-        self.model = wrap_ddp(build_model(cfg, self.arch),
-                              use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        model = build_model(cfg, self.arch)
+        self.lora = cfg.model.lora if cfg.model.lora.enabled else None
+        if self.lora is not None:
+            # LoRA: the frozen base is always the HF folder's; the adapters go on before the DDP wrapper, so only
+            # they get gradient buffers and optimizer state (a checkpoint holds the adapters only)
+            load_hf_weights(model, open_hf_checkpoint(cfg.model.hf_config))
+            apply_lora(model, self.lora, seed=cfg.model.seed)
+        self.model = wrap_ddp(model, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.teacher = None
-        if cfg.train.teacher != "current":
+        if cfg.train.teacher != "current" and self.lora is not None:
+            self.teacher = AdapterTeacher(self.model, cfg.train.teacher, cfg.train.ema_decay)
+        elif cfg.train.teacher != "current":
             self.teacher = TeacherWeights(build_model(cfg, self.arch), cfg.train.teacher, cfg.train.ema_decay)
+        #: LoRA: the base's identity, stored in every checkpoint and checked on resume (`lora.base_fingerprint`)
+        self.base_fingerprint = base_fingerprint(cfg.model.hf_config) if self.lora is not None else None
         self.step_fn = DASDStep(self.model, self.optimizer, cfg, self.arch, self.ctx, teacher=self.teacher)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         self.step = 0
@@ -244,13 +258,14 @@ class Trainer:
         self.prompts = PromptIterator.from_config(self.data.examples, cfg.data)
         if cfg.train.eval_interval:
             self.eval_examples = self._load_eval_examples()
-        meta = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer,
-                                        teacher=None if self.teacher is None else self.teacher.model)
+        meta = load_training_checkpoint(self.ckpt_dir, self.model, self.optimizer, teacher=self._stored_teacher())
         if meta is None:
-            load_hf_weights(self.model, open_hf_checkpoint(cfg.model.hf_config))
+            if self.lora is None:
+                load_hf_weights(self.model, open_hf_checkpoint(cfg.model.hf_config))
             if self.teacher is not None:
                 self.teacher.copy_from(self.model)
         else:
+            self._check_base(meta)
             self.step = int(meta["step"])
             self.prompts.load_state_dict(meta["prompts"])
             pending = os.path.join(meta["checkpoint_dir"], PENDING_ROLLOUTS)
@@ -268,29 +283,68 @@ class Trainer:
             samples = os.path.join(cfg.run_dir, "samples.jsonl")
             if os.path.exists(samples):  # a resumed run redoes the steps after its checkpoint
                 truncate_jsonl_after(samples, self.step)
-        if meta is not None:
-            self.sync_weights()  # servers start from the HF folder; bring them to the checkpoint's weights
+        if meta is not None or self._adapter_sync:
+            # servers start from the HF folder: bring them to the checkpoint's weights (an adapter-only sync also
+            # loads the initial adapter, which every request names)
+            self.sync_weights()
         return self
+
+    @property
+    def _adapter_sync(self) -> bool:
+        """LoRA with `model.lora.sync=adapter`: the servers run LoRA and only the adapter is sent."""
+        return self.lora is not None and self.lora.sync == "adapter"
+
+    def _stored_teacher(self):
+        """What the checkpoint's `teacher/` folder holds: the frozen/EMA network, the EMA adapter, or nothing
+        (`current`; LoRA `base`: the base network is the HF folder)."""
+        if self.teacher is None or getattr(self.teacher, "mode", None) == "base":
+            return None
+        return self.teacher if isinstance(self.teacher, AdapterTeacher) else self.teacher.model
+
+    def _check_base(self, meta: dict) -> None:
+        """A LoRA checkpoint resumes only on the base it was trained on."""
+        if self.lora is None:
+            return
+        stored = (meta.get("model") or {}).get("base") or {}
+        if stored.get("fingerprint") not in (None, self.base_fingerprint):
+            raise ConfigError(f"{meta['checkpoint_dir']}: its LoRA adapter was trained on the base "
+                              f"{stored.get('path')!r} (fingerprint {stored.get('fingerprint', '')[:12]}), but "
+                              f"model.hf_config={self.cfg.model.hf_config!r} holds other weights (fingerprint "
+                              f"{self.base_fingerprint[:12]}). Fix: resume with the original base model, or start a "
+                              "new run_dir")
 
     def _start_rollout(self) -> None:
         r = self.cfg.rollout
         urls = list(r.urls)
         if not urls:
+            lora = {}
+            if self._adapter_sync:  # SGLang's --enable-lora --max-lora-rank --lora-target-modules
+                lora = dict(enable_lora=True, max_lora_rank=self.lora.rank,
+                            lora_target_modules=tuple(peft_config(self.lora)["target_modules"]))
             servers = tuple(
                 ServerConfig(model_path=self.cfg.model.hf_config, port=r.base_port + i, backend=r.backend,
                              tp_size=r.server_tp, mem_fraction_static=r.mem_fraction_static,
                              log_file=os.path.join(self.cfg.run_dir, "logs", f"rollout_server_{i}.log"),
-                             env=self._server_env())
+                             env=self._server_env(), **lora)
                 for i in range(r.num_servers)
             )
             os.makedirs(os.path.join(self.cfg.run_dir, "logs"), exist_ok=True)
             self.servers = ServerManager(ManagerConfig(servers=servers)).start()
             urls = self.servers.urls
         # a server that fails is checked (and restarted by the manager) at once; its requests are re-sent
-        self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s),
+        self.client = RolloutClient(urls, ClientConfig(request_timeout_s=r.request_timeout_s,
+                                                       lora_path=ADAPTER_NAME if self._adapter_sync else None),
                                     on_server_error=None if self.servers is None else self.servers.report_failure)
         clients = [ServerClient(u, HttpClient()) for u in urls]
-        if r.transport == "disk":
+        if self._adapter_sync:
+            # only the adapter travels (PEFT names): /load_lora_adapter of a PEFT folder, or from tensors
+            config = peft_config(self.lora, base_model=self.cfg.model.hf_config)
+            if r.transport == "disk":
+                transport = AdapterDiskTransport(os.path.join(self.cfg.run_dir, "weights"), ADAPTER_NAME, config,
+                                                 keep=2 + r.max_staleness)
+            else:
+                transport = AdapterTensorTransport(ADAPTER_NAME, config)
+        elif r.transport == "disk":
             # the folders of every version a batch not yet trained may come from stay on disk (k + 1 of them, and
             # the newest): a restarted server loads the newest, and samples can be checked against their own weights
             transport = DiskTransport(os.path.join(self.cfg.run_dir, "weights"), base_model_path=self.cfg.model.hf_config,
@@ -472,12 +526,17 @@ class Trainer:
         if resume_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
             dist.barrier()
-        buckets = iter_hf_weight_buckets(self.model, self.arch)
+        if self._adapter_sync:  # the adapter only, in PEFT names (`model/lora.py`)
+            buckets = iter_adapter_buckets(self.model, self.arch)
+        else:  # every weight (with LoRA: merged, W + alpha/rank B A)
+            buckets = iter_hf_weight_buckets(self.model, self.arch)
         if self.ctx.is_logging_rank:
             version = version_label(self.step)
             report = self.sync.sync(buckets, version=version, resume_memory=resume_memory)
             if self.servers is not None and isinstance(self.sync.transport, DiskTransport):
                 self.servers.set_weights(self.sync.transport.last_path, version)  # what a restarted server loads
+            if self.servers is not None and isinstance(self.sync.transport, AdapterDiskTransport):
+                self.servers.set_adapter(ADAPTER_NAME, self.sync.transport.last_path, version)
             return report.metrics()
         drain(buckets)
         return {}
@@ -488,6 +547,9 @@ class Trainer:
                       "params_dtype": cfg.precision.params_dtype,
                       "layout": {"tensor": self.ctx.tp, "pipeline": self.ctx.pp, "context": self.ctx.cp,
                                  "data": self.ctx.dp}}
+        if self.lora is not None:  # the checkpoint holds the adapters; the base is this folder
+            model_meta["lora"] = dataclasses.asdict(self.lora)
+            model_meta["base"] = {"path": cfg.model.hf_config, "fingerprint": self.base_fingerprint}
         # max_staleness >= 1: the batches generated ahead are stored, and the prompt position is the one after them
         # (a batch still in progress is regenerated on resume: the checkpoint's weights are the ones generating it)
         pending = self.producer.pending() if self.producer is not None else self.pending
@@ -495,8 +557,7 @@ class Trainer:
         extra = {PENDING_ROLLOUTS: json.dumps(pending_to_json(pending))} if pending else {}
         save_training_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
                                  {"prompts": prompts, "model": model_meta}, extra_files=extra,
-                                 keep_last=cfg.train.keep_last_checkpoints,
-                                 teacher=None if self.teacher is None else self.teacher.model,
+                                 keep_last=cfg.train.keep_last_checkpoints, teacher=self._stored_teacher(),
                                  hf_dir=cfg.model.hf_config)
 
     # -- evaluation ---------------------------------------------------------------------------------------------------

@@ -68,3 +68,89 @@ class TeacherWeights:
 
     def parameters(self):
         return self.model.parameters()
+
+
+class AdapterTeacher:
+    """The teacher of a LoRA run (`model.lora.rank > 0`), sharing the policy's frozen base (no second model):
+
+    - `base`: the policy with every adapter disabled (`lora.adapters_disabled`): the base network, which is the
+      frozen initial policy (the adapter starts at zero) at no extra memory.
+    - `ema`: the base plus an exponential moving average of the adapter: after every optimizer step
+      `A_t <- decay * A_t + (1 - decay) * A` and the same for B, in fp32. This averages A and B separately, which
+      is not the EMA of the product B A (the EMA of a product is not the product of EMAs); for the slow averages
+      used here (decay ~0.99) the two differ by a second-order term in the step-to-step change of the adapter.
+
+    `applied(policy)` is the context in which a forward of the policy computes the teacher: adapters off (`base`)
+    or the EMA tensors swapped into the adapter parameters (`ema`, restored on exit). Memory: none (`base`), one
+    fp32 copy of the adapter (`ema`). Checkpoints store the EMA adapter (`save_to` / `load_from`)."""
+
+    model = None  # the teacher forward runs the policy itself, inside `applied`
+
+    def __init__(self, policy, mode: str, decay: float):
+        if mode not in ("base", "ema"):
+            raise ValueError(f"AdapterTeacher: mode={mode!r}; expected base or ema")
+        from dasd_megatron.model.lora import adapter_params
+
+        self.mode, self.decay = mode, float(decay)
+        self._owner = inner_module(policy)
+        self._params = adapter_params(self._owner)
+        self._shadow = [p.detach().float().clone() for p in self._params] if mode == "ema" else None
+
+    def copy_from(self, policy) -> None:
+        """Teacher := policy (the start of a run): the EMA starts at the initial adapter."""
+        if self._shadow is not None:
+            self._shadow = [p.detach().float().clone() for p in self._params]
+
+    @torch.no_grad()
+    def update(self, policy) -> None:
+        if self._shadow is None:
+            return
+        for p, sh in zip(self._params, self._shadow):
+            sh.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def applied(self, policy):
+        """Context manager: inside it, the policy's forward is the teacher's."""
+        from dasd_megatron.model.lora import adapters_disabled
+
+        if self.mode == "base":
+            return adapters_disabled(inner_module(policy))
+        return self._swapped()
+
+    def _swapped(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            saved = [p.data for p in self._params]
+            for p, sh in zip(self._params, self._shadow):
+                p.data = sh.to(p.dtype)
+            try:
+                yield
+            finally:
+                for p, d in zip(self._params, saved):
+                    p.data = d
+
+        return swap()
+
+    # -- checkpoints (train/checkpoint.py calls these for the `teacher/` folder) ---------------------------------------
+    def save_to(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        from dasd_megatron.model.lora import adapter_sharded_state_dict
+
+        policy = self._owner
+        with self._swapped():
+            dist_checkpointing.save(adapter_sharded_state_dict(policy), path)
+
+    def load_from(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        from dasd_megatron.model.lora import adapter_sharded_state_dict, load_adapter_state
+
+        policy = self._owner
+        with self._swapped():
+            load_adapter_state(policy, dist_checkpointing.load(adapter_sharded_state_dict(policy), path))
+            self._shadow = [p.detach().float().clone() for p in self._params]
+
+    def parameters(self):
+        return iter(self._shadow or [])
