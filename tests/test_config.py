@@ -124,7 +124,10 @@ def test_field_types_resolve_every_annotation_to_a_real_type():
     assert (types["loss"], types["optim"], types["train"], types["data"], types["reward"], types["rollout"]) == (
         DASDLossConfig, OptimConfig, TrainConfig, DataConfig, RewardConfig, RolloutConfig)
     assert field_types(DataConfig)["prompt"] is PromptConfig
-    assert field_types(TrainConfig)["teacher"] == typing.Literal["current", "frozen", "ema"]
+    assert field_types(TrainConfig)["teacher"] == typing.Literal["current", "frozen", "ema", "base"]
+    from dasd_megatron.config import LoRAConfig, ModelConfig
+
+    assert field_types(ModelConfig)["lora"] is LoRAConfig
     assert field_types(RewardConfig)["worker_memory_mb"] == typing.Optional[int]
     for cls in (RunConfig, DASDLossConfig, OptimConfig, TrainConfig, DataConfig, PromptConfig, RewardConfig,
                 RolloutConfig):

@@ -53,9 +53,25 @@ class ServerLaunch:
     url: str
 
 
+def lora_server_args(config: dict) -> list[str]:
+    """SGLang's LoRA flags for a run whose policy is a LoRA adapter synced alone (`model.lora.sync=adapter`, from
+    the run's config.json): `--enable-lora --max-lora-rank R --lora-target-modules ...` (the built-in server takes
+    the same flags); none otherwise."""
+    from dasd_megatron.config import LoRAConfig
+    from dasd_megatron.model.lora import peft_config
+
+    raw = (config.get("model") or {}).get("lora") or {}
+    lora = LoRAConfig(**{k: tuple(v) if k == "targets" else v for k, v in raw.items()})
+    if not lora.enabled or lora.sync != "adapter":
+        return []
+    return ["--enable-lora", "--max-lora-rank", str(lora.rank),
+            "--lora-target-modules", *peft_config(lora)["target_modules"]]
+
+
 def plan_servers(placement: RolloutPlacement, model: str, *, host: str, port_offset: int = 0,
-                 python: str = sys.executable) -> list[ServerLaunch]:
-    """The servers of one node for `placement` (pure: starts nothing)."""
+                 python: str = sys.executable, extra_args: tuple[str, ...] = ()) -> list[ServerLaunch]:
+    """The servers of one node for `placement` (pure: starts nothing); `extra_args` go on every server's command
+    line (the LoRA flags: `lora_server_args`)."""
     plans = []
     for i in range(placement.servers_per_node):
         port = placement.port(i, port_offset)
@@ -72,6 +88,7 @@ def plan_servers(placement: RolloutPlacement, model: str, *, host: str, port_off
             if placement.mode == "colocated":  # lets the trainer release/resume the server's GPU memory
                 argv.append("--enable-memory-saver")
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        argv += list(extra_args)
         env["NCCL_CUMEM_ENABLE"] = "1" if placement.nccl_cumem_enable else "0"
         plans.append(ServerLaunch(index=i, port=port, gpus=gpus, argv=tuple(argv), env=tuple(sorted(env.items())),
                                   url=f"http://{host}:{port}"))
@@ -173,10 +190,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = read_launch_record(args.run_dir)
     placement = RolloutPlacement(**record["placement"])
     with open(os.path.join(args.run_dir, CONFIG_FILE)) as f:
-        model = json.load(f)["model"]["hf_config"]
+        config = json.load(f)
+    model = config["model"]["hf_config"]
     host = socket.gethostname()
     node_index = args.node_index if args.node_index is not None else int(os.environ.get("SLURM_NODEID", "0"))
-    plans = plan_servers(placement, model, host=host, port_offset=int(os.environ.get("DASD_PORT_OFFSET", "0")))
+    plans = plan_servers(placement, model, host=host, port_offset=int(os.environ.get("DASD_PORT_OFFSET", "0")),
+                         extra_args=tuple(lora_server_args(config)))
     return run_servers(plans, run_dir=args.run_dir, host=host, node_index=node_index,
                        tensor_parallel=placement.tensor_parallel, job_id=os.environ.get("SLURM_JOB_ID", ""),
                        health_timeout=args.health_timeout)
