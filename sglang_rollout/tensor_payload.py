@@ -38,6 +38,7 @@ __all__ = [
     "unflatten_bucket",
     "shared_payload",
     "deserialize_named_tensors",
+    "load_payload",
     "PayloadError",
 ]
 
@@ -191,19 +192,26 @@ class _WeightUnpickler(pickle.Unpickler):
         raise PayloadError(f"refused to unpickle {module}.{name}: not allowed in a weight payload")
 
 
-def deserialize_named_tensors(data: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
-    """Decode one TP rank's entry of `serialized_named_tensors` into (name, tensor) pairs."""
+def load_payload(data: str, field: str = "serialized_named_tensors entry") -> Any:
+    """Decode one `MultiprocessingSerializer.serialize(obj, output_str=True)` string with the allow-listed
+    unpickler (tensors, their rebuild functions, plain containers; never arbitrary globals). `field` names the
+    request field in errors (`PayloadError`)."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (ValueError, TypeError) as e:
-        raise PayloadError(f"serialized_named_tensors entry is not valid base64: {e}") from None
+        raise PayloadError(f"{field} is not valid base64: {e}") from None
     try:
-        obj = _WeightUnpickler(io.BytesIO(raw)).load()
+        return _WeightUnpickler(io.BytesIO(raw)).load()
     except PayloadError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the caller's bad payload
-        raise PayloadError(f"cannot unpickle the tensor payload ({type(e).__name__}: {e}); it is only valid on the "
-                           "sending host while the sender keeps its tensors alive") from None
+        raise PayloadError(f"{field}: cannot unpickle the tensor payload ({type(e).__name__}: {e}); it is only "
+                           "valid on the sending host while the sender keeps its tensors alive") from None
+
+
+def deserialize_named_tensors(data: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """Decode one TP rank's entry of `serialized_named_tensors` into (name, tensor) pairs."""
+    obj = load_payload(data)
     if load_format == "flattened_bucket":
         return unflatten_bucket(obj)
     if load_format not in (None, "direct"):

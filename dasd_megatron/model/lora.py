@@ -194,9 +194,10 @@ def _hook(adapter: LoRAAdapter, te_norm: bool):
 
 # -- applying, finding, switching -----------------------------------------------------------------------------------
 def _inner(model):
-    from dasd_megatron.model.hf_import import unwrap
-
-    return unwrap(model)
+    """The GPTModel inside DDP / Float16Module wrappers (as `hf_import.unwrap`, which imports this module)."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
 
 
 def iter_adapters(model) -> Iterator[tuple[int, LoRAAdapter, torch.nn.Module]]:

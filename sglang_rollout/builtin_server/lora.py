@@ -149,24 +149,14 @@ def decode_lora_tensors(data: str, load_format: Optional[str]) -> dict[str, torc
     Decoded with `sglang_rollout.tensor_payload`'s allow-listed unpickler (never arbitrary globals): a dict
     {name: tensor} (load_format null) or a flattened bucket (load_format "flattened_bucket").
     """
-    import base64
-    import io
-
-    from sglang_rollout.tensor_payload import PayloadError, _WeightUnpickler, unflatten_bucket
+    from sglang_rollout.tensor_payload import PayloadError, load_payload, unflatten_bucket
 
     if load_format not in (None, "flattened_bucket"):
         raise LoRAError(f"load_format={load_format!r}: expected null ({{name: tensor}}) or 'flattened_bucket'")
     try:
-        raw = base64.b64decode(data, validate=True)
-    except (ValueError, TypeError) as e:
-        raise LoRAError(f"serialized_tensors is not valid base64: {e}") from None
-    try:
-        obj = _WeightUnpickler(io.BytesIO(raw)).load()
+        obj = load_payload(data, "serialized_tensors")
     except PayloadError as e:
-        raise LoRAError(f"serialized_tensors: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the caller's bad payload
-        raise LoRAError(f"serialized_tensors: cannot unpickle ({type(e).__name__}: {e}); the payload is only valid "
-                        "on the sending host while the sender keeps its tensors alive") from None
+        raise LoRAError(str(e)) from None
     if load_format == "flattened_bucket":
         try:
             named = unflatten_bucket(obj)

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 from sglang_rollout.http_client import HTTPStatusError
 from sglang_rollout.server_client import ServerClient, UpdateFailed
 from sglang_rollout.tensor_payload import flatten_bucket, shared_payload
-from sglang_rollout.weight_sync.transports import NamedTensors, Transport, _safe_version, call_all
+from sglang_rollout.weight_sync.transports import NamedTensors, Transport, safe_version, call_all
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class AdapterDiskTransport(_AdapterTransport):
         from safetensors.torch import save_file
 
         os.makedirs(self.root, exist_ok=True)
-        safe = _safe_version(version)
+        safe = safe_version(version)
         final = os.path.join(self.root, safe)
         tmp = os.path.join(self.root, f".{safe}.partial")
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a sync that failed half-way

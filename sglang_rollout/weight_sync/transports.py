@@ -214,7 +214,7 @@ class DistributedTransport(Transport):
             self.group = None
 
 
-def _safe_version(version: str) -> str:
+def safe_version(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", version)
 
 
@@ -244,7 +244,7 @@ class DiskTransport(Transport):
         for d in os.listdir(self.root):  # leftovers of a sync that failed half-way
             if d.startswith("weights_") and d.endswith(".partial"):
                 shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
-        final = os.path.join(self.root, f"weights_{_safe_version(version)}")
+        final = os.path.join(self.root, f"weights_{safe_version(version)}")
         self._dir = final + ".partial"
         os.makedirs(self._dir)
         if self.base_model_path:
