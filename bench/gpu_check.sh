@@ -20,6 +20,7 @@
 #   loss         bench/loss.py --device cuda --tokens 16384 --vocab 151936 --dtype bf16 --compile --repeats 3
 #   train_setup  a tiny random Qwen3 HF folder with a tokenizer and a JSONL of sums (tests/hf_fixtures.py)
 #   train        dasd train --nproc 1, 3 steps, bf16, a checkpoint every step, the built-in rollout server (CPU)
+#   lora         bench/lora.py --rollouts 32 --steps 2 --json ...: LoRA vs full at the Qwen3-0.6B shape (memory, time)
 #   model        bench/model.py --seq 4096 --dtype bfloat16 --out ...
 # gpu_check.json: per part the command, rc, wall seconds, the limit it ran under, its status (ok / failed /
 # timed_out / skipped / missing / dry), its RESULT json (or pytest's counts, or the training run's metrics), and the
@@ -199,6 +200,13 @@ print('RESULT {\"model\": \"$WORK/model\", \"data\": \"$WORK/data.jsonl\"}')
         train.micro_batch_tokens=128 model.seq_length=128 "precision.params_dtype=$TRAIN_DTYPE" \
         "run_dir=$WORK/run" "rollout.base_port=$PORT" train.checkpoint_interval=1 train.keep_last_checkpoints=2 \
         optim.lr=1e-3
+
+    if [[ "$TINY" == 1 ]]; then
+        LORA_ARGS=(--tiny --steps 1)
+    else
+        LORA_ARGS=(--rollouts 32 --steps 2)
+    fi
+    run_part lora 60 json "$OUT_DIR/lora.json" "$PY" bench/lora.py "${LORA_ARGS[@]}" --json "$OUT_DIR/lora.json"
 
     run_part model 50 json "$OUT_DIR/model.json" "$PY" bench/model.py "${MODEL_ARGS[@]}" --out "$OUT_DIR/model.json"
 fi

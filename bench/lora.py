@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
+    print("RESULT " + json.dumps(out), flush=True)
     return out
 
 
