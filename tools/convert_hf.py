@@ -10,7 +10,9 @@ dist-checkpointing, which reloads at any TP/PP layout. The HF config.json, token
 kept in `CKPT_DIR/hf/`, so `export` can restore them (and `model.hf_config=CKPT_DIR/hf` builds the model).
 `export` reads any checkpoint this project writes: one from `import`, a training checkpoint (`RUN/checkpoints/
 step_N`, at whatever layout and dtype it was saved; the model alone is read, `--teacher` reads its EMA/frozen
-teacher) or a run folder (its newest checkpoint, or `--step N`). The HF config and tokenizer come from the
+teacher) or a run folder (its newest checkpoint, or `--step N`). A LoRA run's checkpoint (adapters only) is merged
+into its recorded base model (`--base PATH` for a moved copy; its fingerprint is checked), or written as a PEFT
+adapter folder with `--adapter`. The HF config and tokenizer come from the
 checkpoint (`--hf-config` overrides). It streams the weights through `dasd_megatron.model.export` into sharded
 safetensors with `model.safetensors.index.json`, loadable by transformers. `dasd export RUN_DIR` does the same with
 a default output folder.
@@ -83,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export the training checkpoint's teacher (train.teacher=ema|frozen) instead of the policy")
     exp.add_argument("--hf-config", default=None,
                      help="HF folder with config.json/tokenizer (default: the checkpoint's hf/, or its run's model)")
+    exp.add_argument("--adapter", action="store_true",
+                     help="LoRA training checkpoints: write the adapter alone as a PEFT folder instead of the merged "
+                          "model (reads no base weights)")
+    exp.add_argument("--base", default=None, metavar="PATH",
+                     help="LoRA training checkpoints: the base HF folder, when moved (default: the recorded one; its "
+                          "fingerprint must match)")
     exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     exp.add_argument("--bucket-size", default="512MiB", help="bytes gathered per step (default 512MiB)")
     layout(exp)
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stats = run_export(args.ckpt_dir, args.out_dir, step=args.step, teacher=args.teacher, dtype=args.dtype,
                                hf_config=args.hf_config, max_shard_size=args.max_shard_size,
-                               bucket_size=args.bucket_size, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+                               bucket_size=args.bucket_size, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                               base=args.base, adapter=args.adapter)
             if _rank() == 0:
                 log.info("%s", export_summary(stats))
     except (ConversionError, ConfigError) as e:

@@ -287,9 +287,9 @@ def _lora_source(meta: dict, shown: str, base: Optional[str], adapter: bool) -> 
     fingerprint = rec.get("fingerprint")
     base_dir = os.path.abspath(os.path.expanduser(base)) if base else recorded
     where = f"--base {base}" if base else f"its base model {recorded or '(none recorded)'}"
-    fix_missing = ("Fix: pass --base PATH with a copy of the base model the run trained from (the same weights: "
-                   "their fingerprint is checked)" + ("" if adapter else ", or export the adapter alone with "
-                                                       "--adapter (it needs no base weights)"))
+    fix_missing = ("Fix: export with --base PATH (`dasd export`, `convert_hf.py export`), PATH a copy of the base "
+                   "model the run trained from (the same weights: their fingerprint is checked)"
+                   + ("" if adapter else ", or export the adapter alone with --adapter (it needs no base weights)"))
     if not base_dir or not os.path.isdir(base_dir):
         if not adapter:
             raise ConversionError(f"{shown} is a LoRA checkpoint (only the rank-{cfg.get('rank')} adapter is "
@@ -310,7 +310,8 @@ def _lora_source(meta: dict, shown: str, base: Optional[str], adapter: bool) -> 
                 f"{shown} is a LoRA checkpoint, and the base model at {base_dir} is not the one its adapter was "
                 f"trained on: its weights' fingerprint {have[:12]} differs from the recorded {fingerprint[:12]} "
                 "(the files were replaced or changed). An adapter over other weights is a different model. Fix: "
-                f"pass --base PATH with an unchanged copy of the base the run trained from ({recorded})")
+                "export with --base PATH (`dasd export`, `convert_hf.py export`), PATH an unchanged copy of the "
+                f"base the run trained from ({recorded})")
     return LoRASource(cfg, base_dir, recorded, fingerprint)
 
 
@@ -420,8 +421,9 @@ def stored_model(src: CheckpointSource) -> StoredModel:
                     if k.split(".", 1)[0] in MODEL_PREFIXES and f"{ADAPTER_SUFFIX}." in k}
         if not adapters:
             raise ConversionError(f"{src.describe()}: its metadata says LoRA (model.lora.rank="
-                                  f"{src.lora.config.get('rank')}) but it holds no adapter tensors (*{ADAPTER_SUFFIX}.*)."
-                                  " Fix: check that the checkpoint folder is complete and was written by a LoRA run")
+                                  f"{src.lora.config.get('rank')}) but it holds no adapter tensors "
+                                  f"(*{ADAPTER_SUFFIX}.*). Fix: check that the checkpoint folder is complete and was "
+                                  "written by a LoRA run")
         first = next(iter(adapters.values()))
         dtype = first.dtype if first.dtype in DTYPE_NAMES else torch.float32
         return StoredModel(dtype, 0, {k: tuple(v.global_shape) for k, v in adapters.items()})
@@ -592,7 +594,6 @@ def _load_lora(model, src: CheckpointSource, arch, stored: StoredModel, base_wei
     False: an adapter-only export), adapters applied with the recorded config, adapter tensors loaded."""
     from megatron.core import dist_checkpointing
 
-    from dasd_megatron.config import ConfigError
     from dasd_megatron.model.hf_import import load_hf_weights, open_hf_checkpoint
     from dasd_megatron.model.lora import adapter_sharded_state_dict, apply_lora, load_adapter_state
 

@@ -180,10 +180,12 @@ def _gather(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _hook(adapter: LoRAAdapter, te_norm: bool):
     def hook(module, args, output):
-        out, bias = output
-        if te_norm:  # ((linear output, normalised input), bias): see the module docstring
-            out, x = out
+        if te_norm and len(output) == 3:  # TE with its bias returned: (linear output, bias, normalised input)
+            out, bias, x = output
+        elif te_norm:  # megatron's TE wrapper: ((linear output, normalised input), bias)
+            (out, x), bias = output
         else:
+            out, bias = output
             x = args[0]
         if adapter.enabled:
             out = out + adapter(x)
@@ -407,7 +409,8 @@ def write_peft_folder(out_dir: str, tensors, config: dict) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors},
+    # cloned: q/k/v (gate/up) share the fused linear's A, and safetensors refuses tensors that share memory
+    save_file({n: t.detach().cpu().clone().contiguous() for n, t in tensors},
               os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
