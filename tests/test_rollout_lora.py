@@ -15,8 +15,6 @@ import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -31,6 +29,7 @@ from sglang_rollout.tensor_payload import flatten_bucket, shared_payload
 from sglang_rollout.testing import free_port, make_tiny_hf_model
 from sglang_rollout.weight_sync import WeightSync
 from sglang_rollout.weight_sync.lora import AdapterDiskTransport, AdapterTensorTransport, peft_config
+from test_rollout_builtin_server import call
 
 ATOL = 1e-5
 SEQ = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
@@ -40,20 +39,6 @@ LAYERS = 4  # tiny qwen3
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-
-
-def call(url, path, body=None, *, method="POST", timeout=60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            text, status = r.read().decode(), r.status
-    except urllib.error.HTTPError as e:
-        text, status = e.read().decode(), e.code
-    try:
-        return status, json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return status, text
 
 
 def module_shape(kind):

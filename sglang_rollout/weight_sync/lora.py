@@ -34,13 +34,11 @@ import json
 import logging
 import os
 import shutil
-import time
 from typing import Any, Mapping, Optional, Sequence
 
-from sglang_rollout.http_client import HTTPStatusError
 from sglang_rollout.server_client import ServerClient, UpdateFailed
 from sglang_rollout.tensor_payload import flatten_bucket, shared_payload
-from sglang_rollout.weight_sync.transports import NamedTensors, Transport, safe_version, call_all
+from sglang_rollout.weight_sync.transports import NamedTensors, Transport, call_all, flush_until_idle, safe_version
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +169,7 @@ class _AdapterTransport(Transport):
             log.info("%s: adapter %r was not loaded (restarted?): loading it fresh", s.url, self.lora_name)
 
     def _flush(self, s: ServerClient) -> None:
-        deadline = time.monotonic() + self.flush_timeout_s
-        while True:
-            try:
-                return s.flush_cache()
-            except HTTPStatusError as e:  # 400 while requests still drain
-                if e.status != 400 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        flush_until_idle(s, self.flush_timeout_s)
 
 
 class AdapterDiskTransport(_AdapterTransport):

@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from sglang_rollout.http_client import HTTPStatusError, ServerError
+from sglang_rollout.http_client import ServerError
 from sglang_rollout.server_client import ServerClient
 from sglang_rollout.weight_sync.buckets import BucketPlan, BucketStream
-from sglang_rollout.weight_sync.transports import Transport, call_all
+from sglang_rollout.weight_sync.transports import Transport, call_all, flush_until_idle
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,7 @@ class WeightSync:
         self.transport.close(self.servers)
 
     def _flush(self) -> None:
-        deadline = time.monotonic() + self.flush_timeout_s
-
-        def flush(s: ServerClient):
-            while True:
-                try:
-                    return s.flush_cache()
-                except HTTPStatusError as e:  # 400 while requests still drain
-                    if e.status != 400 or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-
-        call_all(self.servers, flush)
+        call_all(self.servers, lambda s: flush_until_idle(s, self.flush_timeout_s))
 
     def sync(self, weights: Iterable, version: str, *, resume_memory: bool = False) -> SyncReport:
         """Pause, flush, send every bucket, continue; returns the timings (see module docstring)."""

@@ -35,9 +35,25 @@ from sglang_rollout.tensor_payload import flatten_bucket, shared_payload
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Transport", "TensorTransport", "DistributedTransport", "DiskTransport", "call_all"]
+__all__ = ["Transport", "TensorTransport", "DistributedTransport", "DiskTransport", "call_all", "flush_until_idle"]
 
 NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def flush_until_idle(server: ServerClient, timeout_s: float) -> None:
+    """`/flush_cache`, retried while the server still drains requests (it answers 400 until idle), at most
+    `timeout_s` seconds."""
+    from sglang_rollout.http_client import HTTPStatusError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            server.flush_cache()
+            return
+        except HTTPStatusError as e:  # 400 while requests still drain
+            if e.status != 400 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def call_all(servers: Sequence[ServerClient], fn: Callable[[ServerClient], object]) -> list:
