@@ -176,9 +176,14 @@ def _close(got, want, what):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * scale, msg=what)
 
 
+@pytest.fixture(scope="module")
+def tp1_reference(hf_dir):
+    return run_distributed(_train, 1, hf_dir, 1, 1, False)[0]
+
+
 @pytest.mark.parametrize("tp,pp,sp", [(2, 1, True), (1, 2, False)])
-def test_adapter_forward_and_grads_match_tp1(hf_dir, tp, pp, sp):
-    ref = run_distributed(_train, 1, hf_dir, 1, 1, False)[0]
+def test_adapter_forward_and_grads_match_tp1(hf_dir, tp1_reference, tp, pp, sp):
+    ref = tp1_reference
     assert ref["grads"] and not ref["base_grads"], "only adapters get gradients"
     assert max(v.abs().max().item() for k, v in ref["grads"].items() if "linear_in" in k) > 0, "A gets gradients"
     res = run_distributed(_train, tp * pp, hf_dir, tp, pp, sp)
