@@ -350,18 +350,17 @@ def base_fingerprint(hf_dir: str) -> str:
 
 # -- PEFT format ----------------------------------------------------------------------------------------------------
 def peft_config(lora_cfg, base_model: str = "") -> dict:
-    """PEFT's `adapter_config.json` for this adapter."""
+    """PEFT's `adapter_config.json` for this adapter (`sglang_rollout.weight_sync.lora.peft_config`, the one the
+    rollout servers check, with this config's rank, alpha, dropout and HF target modules)."""
     from dasd_megatron.config import LORA_TARGETS
+    from sglang_rollout.weight_sync.lora import peft_config as sglang_peft_config
 
     alpha = lora_cfg.alpha
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": lora_cfg.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": lora_cfg.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "target_modules": sorted(hf for m in lora_cfg.modules() for hf in LORA_TARGETS[m]),
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
+    return sglang_peft_config(
+        r=lora_cfg.rank, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        target_modules=sorted(hf for m in lora_cfg.modules() for hf in LORA_TARGETS[m]),
+        base_model_name_or_path=base_model, lora_dropout=lora_cfg.dropout, init_lora_weights=True,
+        layers_to_transform=None, rank_pattern={}, alpha_pattern={})
 
 
 def _peft_local(model, arch) -> list[tuple[str, torch.Tensor]]:
