@@ -264,6 +264,24 @@ def test_single_seed_has_no_interval(tmp_path):
     assert "(1 seed)" in Path(rep.report_md).read_text()
 
 
+def test_a_run_still_training_is_partial_by_its_own_train_steps(tmp_path):
+    """A method whose only run is still training (a sweep in progress): its config.json says train.steps = 8, its
+    metrics reach step 5, so it is partial and its step-4 evaluation is not reported as a final accuracy."""
+    make_sweep(tmp_path, extras=False)
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
+    manifest["seeds"] = [1]
+    manifest["runs"] = [r for r in manifest["runs"] if r["seed"] == 1]
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+    run = tmp_path / DASD / "seed1"
+    write_jsonl(run / "metrics.jsonl", [r for r in make_sweep(tmp_path / "again", extras=False)[(DASD, 1)]["metrics"]
+                                        if r["step"] <= 5])
+    (run / "config.json").write_text(json.dumps({"train": {"steps": STEPS}}))
+    rep = build_sweep_report(str(tmp_path))
+    d = rep.summary["methods"][DASD]
+    assert d["partial"] == [1] and d["seeds"] == [] and d["final"]["eval_accuracy"]["values"] == []
+    assert f"partial (step 5 of {STEPS})" in Path(rep.report_md).read_text()
+
+
 def test_no_sweep_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="dasd sweep"):
         build_sweep_report(str(tmp_path))

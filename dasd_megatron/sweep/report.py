@@ -18,8 +18,9 @@ Inputs (written by `dasd sweep` and `dasd train`; everything but `sweep.json` ma
   `sweep.json`, the unbiased estimator), mean accuracy (num_correct / n) and distinct non-null answers per problem
   (and that divided by n), each averaged over problems.
 
-A run is *missing* without metrics, *partial* when its last step is below the largest last step among its method's
-runs, *finished* otherwise. Per-step curves use every run that has the step; end-of-training quantities (`final`,
+A run is *missing* without metrics, *partial* when its last step is below its `train.steps` (from the run's
+`config.json`; without one, below the largest last step among its method's runs), *finished* otherwise (a sweep
+still in progress reports its running run as partial). Per-step curves use every run that has the step; end-of-training quantities (`final`,
 `kinds`, `omega_by_entropy_decile`, `diversity`) use finished runs only, so that a crashed run's early numbers are
 not averaged with the others' final ones.
 
@@ -138,6 +139,8 @@ class _Run:
     run_dir: str
     records: list[dict] = field(default_factory=list)  # one per step, sorted by step
     status: str = "missing"  # missing | partial | finished
+    #: `train.steps` from the run's `config.json` (None when it has none)
+    planned_steps: Optional[int] = None
 
     @property
     def last_step(self) -> Optional[int]:
@@ -194,6 +197,11 @@ def _load_metrics(run: _Run, notes: list[str]) -> None:
     for r in records:
         by_step[int(r["step"])] = r  # a repeated step keeps its last line
     run.records = [by_step[s] for s in sorted(by_step)]
+    try:
+        with open(os.path.join(run.run_dir, "config.json")) as f:
+            run.planned_steps = int(json.load(f)["train"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # judged against the method's other runs instead
 
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.jsonl$")
@@ -546,7 +554,7 @@ def _markdown(sweep_dir: str, manifest: dict, methods: Sequence[_Method], summar
         top = max((r.last_step for r in m.present), default=None)
         for r in m.runs:
             status = {"missing": f"missing (no `{METRICS_FILE}`)", "finished": f"finished (step {r.last_step})",
-                      "partial": f"partial (step {r.last_step} of {top})"}[r.status]
+                      "partial": f"partial (step {r.last_step} of {r.planned_steps or top})"}[r.status]
             rows.append([m.name, str(r.seed), f"`{r.run_dir}`", status])
     lines += _table(["method", "seed", "run folder", "status"], rows) + [""]
 
@@ -657,7 +665,9 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
             runs.append(run)
         top = max((r.last_step for r in runs if r.records), default=None)
         for r in runs:
-            r.status = "missing" if not r.records else "partial" if r.last_step < top else "finished"
+            # finished: reached the run's own train.steps (its config.json), else the method's furthest run
+            end = r.planned_steps if r.planned_steps is not None else top
+            r.status = "missing" if not r.records else "partial" if r.last_step < end else "finished"
         m = _Method(recipe, names[recipe], runs)
         for r in m.finished:
             if acc := _kind_accuracy(r, notes):
