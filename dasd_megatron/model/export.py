@@ -32,7 +32,8 @@ Tensors are on the model's device, contiguous, in the output dtype, in HF layout
 interleave undone, GLU split into gate/up, vocabulary padding removed). They are fresh buffers except where no
 work was needed (TP=1, no cast, no transform): then they share storage with the parameter, so copy them if you
 keep them past the next optimizer step. Cast to `dtype` happens before the gather, so bf16 export moves half the
-bytes of an fp32 model.
+bytes of an fp32 model. A weight with a LoRA adapter (`model/lora.py`) is exported merged: each TP shard becomes
+W + alpha/r B A in fp32 before the cast (`lora.merged_local`); the adapters themselves are not HF weights.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ and the servers are its other ranks). With `rollout.colocated` (servers on the t
 servers' memory before each DASD step and the weight sync after it resumes it. The policy starts from the HF
 folder `model.hf_config` (its safetensors are imported into megatron's layout); a run folder with checkpoints
 resumes from the newest complete one.
+
+LoRA (`model.lora.rank > 0`, `model/lora.py`): the base is loaded from the HF folder and frozen, adapters go on
+before the DDP wrapper, checkpoints hold the adapters (and the base's fingerprint, checked on resume), the teacher is
+`AdapterTeacher` (base: adapters off; ema: an EMA adapter) or the policy, and with `model.lora.sync=adapter` the
+servers run LoRA and each sync sends only the adapter (PEFT names) that every request names (`ADAPTER_NAME`).
 """
 
 from __future__ import annotations
