@@ -108,6 +108,7 @@ def make_sweep(root: Path, *, extras: bool = True) -> dict:
                 div.append({"benchmark": "easy", "problem_id": pid, "problem_hash": "h", "gold": "7", "n": 4,
                             "num_correct": c, "seed": 0, "weight_version": "default", "samples": samples})
             write_jsonl(run_dir / "sweep_diversity" / "records" / "easy.jsonl", div)
+            (run_dir / "sweep_diversity" / "metrics.json").write_text("{}")  # `dasd eval` finished
             truth[(recipe, seed)]["div"] = div
     manifest = {"recipes": [DASD, GRPO], "seeds": SEEDS, "overrides": ["train.steps=8"], "runs": runs,
                 "eval_data": "recipes/data/easy_arithmetic_study.jsonl",
@@ -280,6 +281,16 @@ def test_a_run_still_training_is_partial_by_its_own_train_steps(tmp_path):
     d = rep.summary["methods"][DASD]
     assert d["partial"] == [1] and d["seeds"] == [] and d["final"]["eval_accuracy"]["values"] == []
     assert f"partial (step 5 of {STEPS})" in Path(rep.report_md).read_text()
+
+
+def test_a_diversity_evaluation_still_running_is_left_out(tmp_path):
+    """`dasd eval` writes its records as it goes and `metrics.json` at the end: a run whose evaluation is still
+    running (records, no metrics.json) has no diversity numbers yet, and the report says so."""
+    make_sweep(tmp_path)
+    (tmp_path / DASD / "seed1" / "sweep_diversity" / "metrics.json").unlink()
+    rep = build_sweep_report(str(tmp_path))
+    assert len(rep.summary["methods"][DASD]["diversity"]["pass_at_k"]["values"]) == 2  # seeds 2 and 3 only
+    assert any(f"{DASD} seed 1: diversity evaluation not finished" in n for n in rep.notes)
 
 
 def test_no_sweep_json(tmp_path):

@@ -239,6 +239,11 @@ def _diversity(run: _Run, k: Optional[int], notes: list[str]) -> Optional[dict[s
     folder = os.path.join(run.run_dir, DIVERSITY_RECORDS)
     if not os.path.isdir(folder):
         return None
+    done = os.path.join(os.path.dirname(folder), "metrics.json")  # `dasd eval` writes it when it has finished
+    if not os.path.isfile(done):
+        notes.append(f"{run.recipe} seed {run.seed}: diversity evaluation not finished (no `{done}`); left out "
+                     "(rerun `dasd sweep` with the same arguments to complete it)")
+        return None
     files = sorted(f for f in os.listdir(folder) if f.endswith(".jsonl"))
     if not files:
         return None
