@@ -57,11 +57,10 @@ def lora_server_args(config: dict) -> list[str]:
     """SGLang's LoRA flags for a run whose policy is a LoRA adapter synced alone (`model.lora.sync=adapter`, from
     the run's config.json): `--enable-lora --max-lora-rank R --lora-target-modules ...` (the built-in server takes
     the same flags); none otherwise."""
-    from dasd_megatron.config import LoRAConfig
+    from dasd_megatron.config import LoRAConfig, from_dict
     from dasd_megatron.model.lora import peft_config
 
-    raw = (config.get("model") or {}).get("lora") or {}
-    lora = LoRAConfig(**{k: tuple(v) if k == "targets" else v for k, v in raw.items()})
+    lora = from_dict(LoRAConfig, (config.get("model") or {}).get("lora") or {})
     if not lora.enabled or lora.sync != "adapter":
         return []
     return ["--enable-lora", "--max-lora-rank", str(lora.rank),

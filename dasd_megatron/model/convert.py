@@ -186,12 +186,9 @@ class LoRASource:
     """Whether `base_dir` holds weights here (an adapter-only export does without)."""
 
     def lora_config(self):
-        from dasd_megatron.config import LoRAConfig
+        from dasd_megatron.config import LoRAConfig, from_dict
 
-        fields = {k: v for k, v in self.config.items() if k in LoRAConfig.__dataclass_fields__}
-        if isinstance(fields.get("targets"), list):
-            fields["targets"] = tuple(fields["targets"])
-        return LoRAConfig(**fields)
+        return from_dict(LoRAConfig, {k: v for k, v in self.config.items() if k in LoRAConfig.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
