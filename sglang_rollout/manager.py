@@ -151,6 +151,11 @@ class ManagerConfig:
             raise ValueError("rollout.manager: unhealthy_after must be >= 1 and max_restarts >= 0")
 
 
+def lora_flags(max_rank: int, target_modules: Sequence[str]) -> list[str]:
+    """SGLang's LoRA launch flags (the built-in server takes the same)."""
+    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-target-modules", *target_modules]
+
+
 def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_path: Optional[str] = None,
                    weight_version: Optional[str] = None, sglang_config: Optional[str] = None,
                    lora_paths: Sequence[str] = ()) -> list[str]:
@@ -176,8 +181,7 @@ def server_command(cfg: ServerConfig, *, python: str = sys.executable, model_pat
                              f"${auth.API_KEY_ENV})")
         cmd += ["--config", sglang_config]
     if cfg.enable_lora:  # SGLang's flags, the same for both backends
-        cmd += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
-                "--lora-target-modules", *cfg.lora_target_modules]
+        cmd += lora_flags(cfg.max_lora_rank, cfg.lora_target_modules)
     if lora_paths:
         if not cfg.enable_lora:
             raise ValueError("server_command: lora_paths for a server without enable_lora")

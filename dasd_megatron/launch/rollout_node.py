@@ -59,12 +59,12 @@ def lora_server_args(config: dict) -> list[str]:
     the same flags); none otherwise."""
     from dasd_megatron.config import LoRAConfig, from_dict
     from dasd_megatron.model.lora import peft_config
+    from sglang_rollout.manager import lora_flags
 
     lora = from_dict(LoRAConfig, (config.get("model") or {}).get("lora") or {})
     if not lora.enabled or lora.sync != "adapter":
         return []
-    return ["--enable-lora", "--max-lora-rank", str(lora.rank),
-            "--lora-target-modules", *peft_config(lora)["target_modules"]]
+    return lora_flags(lora.rank, peft_config(lora)["target_modules"])
 
 
 def plan_servers(placement: RolloutPlacement, model: str, *, host: str, port_offset: int = 0,
