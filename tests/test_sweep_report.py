@@ -322,3 +322,73 @@ def test_the_diversity_stage_command_is_one_dasd_eval_accepts(tmp_path):
     assert args.output == os.path.join(run.run_dir, "sweep_diversity") and args.pass_k == (1, 4)
     assert args.instruction == cfg.data.prompt.instruction and args.max_new_tokens == cfg.train.max_response_tokens
     assert args.last_number_fallback == cfg.reward.last_number_fallback and args.schema == cfg.data.schema
+
+
+def small_sweep(root: Path, recipe_acc: dict, overrides: list, *, eval_data="study.jsonl", k=None) -> None:
+    """A sweep folder whose runs log only the evaluations: {recipe: {seed: [acc at steps 0, 4, 8]}}."""
+    runs = []
+    for recipe, by_seed in recipe_acc.items():
+        for seed, accs in by_seed.items():
+            run = root / recipe / f"seed{seed}"
+            write_jsonl(run / "metrics.jsonl", [{"step": s, "eval/accuracy": a} for s, a in zip(EVAL_STEPS, accs)])
+            (run / "config.json").write_text(json.dumps({"train": {"steps": STEPS}}))
+            runs.append({"recipe": recipe, "seed": seed, "run_dir": f"{recipe}/seed{seed}"})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "recipes": list(recipe_acc), "seeds": sorted({s for b in recipe_acc.values() for s in b}),
+        "overrides": overrides, "runs": runs, "eval_data": eval_data,
+        "diversity": {"k": k, "temperature": 0.7} if k else None}))
+
+
+def test_several_sweeps_make_one_report_a_setting_search(tmp_path):
+    """A setting search: the study (DASD and GRPO, 3 seeds), DASD with beta 0.1 on seeds 1-2 in one folder and seed 3
+    in another (pooled: same recipe, same overrides). Methods are named by the overrides their sweep does not share;
+    means and intervals are those of the pooled seeds, computed here."""
+    keep = "train.keep_last_checkpoints=1"
+    study = {DASD: {1: [0.3, 0.3, 0.35], 2: [0.3, 0.25, 0.31], 3: [0.3, 0.2, 0.2]},
+             GRPO: {1: [0.3, 0.35, 0.46], 2: [0.3, 0.33, 0.44], 3: [0.3, 0.4, 0.55]}}
+    small_sweep(tmp_path / "study", study, [keep])
+    small_sweep(tmp_path / "beta_a", {DASD: {1: [0.3, 0.4, 0.5], 2: [0.3, 0.42, 0.47]}}, [keep, "loss.beta=0.1"])
+    small_sweep(tmp_path / "beta_b", {DASD: {3: [0.3, 0.38, 0.52]}}, [keep, "loss.beta=0.1"])
+    rep = build_sweep_report([str(tmp_path / d) for d in ("study", "beta_a", "beta_b")], str(tmp_path / "out"))
+    key = f"{DASD} loss.beta=0.1"
+    assert list(rep.summary["methods"]) == [DASD, GRPO, key]
+    assert rep.summary["overrides"] == [keep]
+    beta = rep.summary["methods"][key]
+    assert beta["name"] == "dasd loss.beta=0.1" and beta["seeds"] == [1, 2, 3]
+    check_stat(beta["final"]["eval_accuracy"], [0.5, 0.47, 0.52])
+    check_stat(beta["eval_accuracy"]["4"], [0.4, 0.42, 0.38])
+    check_stat(rep.summary["methods"][GRPO]["final"]["eval_accuracy"], [0.46, 0.44, 0.55])
+    md = Path(rep.report_md).read_text()
+    assert "# Sweep report: study + beta_a + beta_b" in md and "**dasd loss.beta=0.1**" in md
+    assert "| dasd loss.beta=0.1 | 3/3 | 49.7% ± " in md
+
+    # A seed in two folders of the same method: the first folder's copy counts, and a note says so.
+    small_sweep(tmp_path / "beta_dup", {DASD: {3: [0.3, 0.1, 0.1]}}, [keep, "loss.beta=0.1"])
+    rep = build_sweep_report([str(tmp_path / d) for d in ("study", "beta_a", "beta_b", "beta_dup")],
+                             str(tmp_path / "out2"))
+    check_stat(rep.summary["methods"][key]["final"]["eval_accuracy"], [0.5, 0.47, 0.52])
+    assert any("seed 3: in more than one sweep" in n and "beta_dup" in n for n in rep.notes)
+
+
+@pytest.mark.parametrize("second, match", [
+    ({"eval_data": "other.jsonl"}, "different held-out data"),
+    ({"k": 8}, "different numbers of samples"),
+])
+def test_sweeps_that_do_not_compare_are_refused(tmp_path, second, match):
+    small_sweep(tmp_path / "a", {DASD: {1: [0.3, 0.3, 0.3]}}, [], k=4)
+    small_sweep(tmp_path / "b", {DASD: {1: [0.3, 0.3, 0.3]}}, ["loss.beta=0.1"], **{"k": 4, **second})
+    with pytest.raises(ValueError, match=match):
+        build_sweep_report([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_sweep_report_cli_takes_several_folders(tmp_path, capsys):
+    from dasd_megatron.cli import main
+
+    small_sweep(tmp_path / "a", {DASD: {1: [0.3, 0.3, 0.3]}}, [])
+    small_sweep(tmp_path / "b", {DASD: {1: [0.3, 0.4, 0.5]}}, ["loss.rho=0.05"])
+    assert main(["sweep-report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
+    assert f"{DASD} loss.rho=0.05" in json.loads((tmp_path / "r" / "summary.json").read_text())["methods"]
+    small_sweep(tmp_path / "c", {DASD: {1: [0.3, 0.3, 0.3]}}, [], eval_data="elsewhere.jsonl")
+    assert main(["sweep-report", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "different held-out data" in capsys.readouterr().err

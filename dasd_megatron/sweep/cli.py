@@ -32,8 +32,10 @@ def add_sweep_parsers(subparsers) -> None:
 
     r = subparsers.add_parser("sweep-report", help="per-method means and 95%% CIs over a sweep's seeds: plots, "
                                                    "Markdown, summary.json")
-    r.add_argument("sweep_dir", metavar="SWEEP_DIR")
-    r.add_argument("--out", help="output folder (default SWEEP_DIR/report)")
+    r.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR",
+                   help="a sweep's --out folder; several (a setting search) make one report, each method named by "
+                        "the overrides its sweep does not share with the others")
+    r.add_argument("--out", help="output folder (default: the first SWEEP_DIR/report)")
     r.set_defaults(func=cmd_sweep_report)
 
 
@@ -85,8 +87,8 @@ def cmd_sweep_report(args) -> int:
     from dasd_megatron.sweep.report import build_sweep_report
 
     try:
-        rep = build_sweep_report(args.sweep_dir, args.out)
-    except FileNotFoundError as e:
+        rep = build_sweep_report(args.sweep_dirs, args.out)
+    except (FileNotFoundError, ValueError) as e:
         print(f"dasd sweep-report: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {rep.report_md}")

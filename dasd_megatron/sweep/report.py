@@ -1,4 +1,5 @@
-"""`dasd sweep-report SWEEP_DIR [--out DIR]`: per-method means and 95% confidence intervals across a sweep's seeds.
+"""`dasd sweep-report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]`: per-method means and 95% confidence intervals across
+a sweep's seeds.
 
 A sweep trains several recipes (methods: DASD, GRPO, OPSD, ablations) with several seeds each (`dasd sweep`). This
 module reads what the runs wrote and compares the methods: for every quantity, the mean across seeds and the
@@ -24,7 +25,11 @@ still in progress reports its running run as partial). Per-step curves use every
 `kinds`, `omega_by_entropy_decile`, `diversity`) use finished runs only, so that a crashed run's early numbers are
 not averaged with the others' final ones.
 
-Outputs in `--out` (default `SWEEP_DIR/report/`): `summary.json` (the `SweepReport.summary` dict, NaN as null),
+Several sweep folders make one report (a setting search: each sweep the same recipes with other overrides): a method
+is then a recipe plus the overrides of its sweep that the others do not share, and its name says them
+(`dasd loss.beta=0.1`); `build_sweep_report` has the rules.
+
+Outputs in `--out` (default `SWEEP_DIR/report/`, the first folder's): `summary.json` (the `SweepReport.summary` dict, NaN as null),
 `sweep_report.md` (tables, the plots embedded by relative path, notes on whatever was skipped) and the plots
 `accuracy.png`, `final.png`, `training.png`, `omega_deciles.png`, `diversity.png` (a plot without data is skipped with
 a note, never an error). Rendering uses `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend change).
@@ -310,6 +315,7 @@ def display_names(recipes: Sequence[str]) -> dict[str, str]:
 class _Method:
     recipe: str
     name: str
+    key: str  # its key in summary["methods"]: the recipe (one sweep), else the recipe and its own overrides
     runs: list[_Run]  # in seed order
     kinds: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> {kind: accuracy}
     diversity: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> diversity numbers
@@ -389,7 +395,7 @@ def _plot_accuracy(methods: Sequence[_Method], summary: dict):
     ax = axes[0, 0]
     drawn = 0
     for i, m in enumerate(methods):
-        acc = summary[m.recipe]["eval_accuracy"]
+        acc = summary[m.key]["eval_accuracy"]
         if not acc:
             continue
         steps = np.array([int(s) for s in acc], dtype=float)
@@ -422,8 +428,8 @@ def _bars(ax, methods: Sequence[_Method], stats: Sequence[dict], ylabel: str, ti
 
 
 def _plot_final(methods: Sequence[_Method], summary: dict):
-    stats = [summary[m.recipe]["final"]["eval_accuracy"] for m in methods]
-    kinds = list(dict.fromkeys(k for m in methods for k in summary[m.recipe]["kinds"]))
+    stats = [summary[m.key]["final"]["eval_accuracy"] for m in methods]
+    kinds = list(dict.fromkeys(k for m in methods for k in summary[m.key]["kinds"]))
     has_acc = any(math.isfinite(s["mean"]) for s in stats)
     if not has_acc and not kinds:
         return None, f"no final `{EVAL_KEY}` in any finished run: final-accuracy plot skipped"
@@ -434,7 +440,7 @@ def _plot_final(methods: Sequence[_Method], summary: dict):
         x = np.arange(len(kinds))
         w = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
-            st = [summary[m.recipe]["kinds"].get(k, {"mean": NAN, "ci95": NAN}) for k in kinds]
+            st = [summary[m.key]["kinds"].get(k, {"mean": NAN, "ci95": NAN}) for k in kinds]
             mean, ci = _mean_ci_arrays(st)
             ax.bar(x - 0.4 + w * (i + 0.5), np.nan_to_num(mean), width=w, yerr=ci, capsize=3, color=f"C{i}",
                    alpha=0.8, label=m.name)
@@ -474,7 +480,7 @@ def _plot_training(methods: Sequence[_Method], summary: dict):
 
 
 def _plot_omega(methods: Sequence[_Method], summary: dict):
-    rows = [(i, m, summary[m.recipe]["omega_by_entropy_decile"]) for i, m in enumerate(methods)]
+    rows = [(i, m, summary[m.key]["omega_by_entropy_decile"]) for i, m in enumerate(methods)]
     rows = [r for r in rows if r[2] is not None]
     if not rows:
         return None, "no `router/omega_mean_decile_*` in any finished run: omega-by-entropy-decile plot skipped"
@@ -493,14 +499,14 @@ def _plot_omega(methods: Sequence[_Method], summary: dict):
 
 
 def _plot_diversity(methods: Sequence[_Method], summary: dict):
-    rows = [m for m in methods if summary[m.recipe]["diversity"]]
+    rows = [m for m in methods if summary[m.key]["diversity"]]
     if not rows:
         return None, "no diversity evaluation (`sweep_diversity/records/`) in any finished run: diversity plot skipped"
-    k = summary[rows[0].recipe]["diversity"]["k"]
+    k = summary[rows[0].key]["diversity"]["k"]
     fig, axes = _figure(1, 2, size=(12.0, 4.5))
-    _bars(axes[0, 0], rows, [summary[m.recipe]["diversity"]["pass_at_k"] for m in rows], f"Pass@{k}",
+    _bars(axes[0, 0], rows, [summary[m.key]["diversity"]["pass_at_k"] for m in rows], f"Pass@{k}",
           f"Pass@{k} (mean over problems; 95% CI across seeds)")
-    _bars(axes[0, 1], rows, [summary[m.recipe]["diversity"]["distinct_answers"] for m in rows],
+    _bars(axes[0, 1], rows, [summary[m.key]["diversity"]["distinct_answers"] for m in rows],
           "distinct answers per problem", "distinct non-null answers among the samples (95% CI)")
     return fig, None
 
@@ -536,19 +542,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _markdown(sweep_dir: str, manifest: dict, methods: Sequence[_Method], summary: dict, k: Optional[int],
-              sections: list[str], notes: list[str], seeds: Sequence[int]) -> list[str]:
+def _markdown(sweep_dirs: Sequence[str], manifest: dict, methods: Sequence[_Method], summary: dict,
+              k: Optional[int], sections: list[str], notes: list[str], seeds: Sequence[int]) -> list[str]:
     ms = summary["methods"]
     overrides = manifest.get("overrides") or []
     div = manifest.get("diversity")
-    lines = [f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
-             f"- Sweep folder: `{os.path.abspath(sweep_dir)}`",
+    title = " + ".join(os.path.basename(os.path.abspath(d)) for d in sweep_dirs)
+    lines = [f"# Sweep report: {title}", "",
+             (f"- Sweep folder: `{os.path.abspath(sweep_dirs[0])}`" if len(sweep_dirs) == 1 else
+              "- Sweep folders: " + ", ".join(f"`{os.path.abspath(d)}`" for d in sweep_dirs)),
              f"- Generated: {dt.datetime.now().isoformat(timespec='seconds')}", "",
              "## What was compared", "",
              "- Methods (recipes): " + ", ".join(f"**{m.name}** (`{m.recipe}`)" if m.name != m.recipe
                                                  else f"`{m.recipe}`" for m in methods),
              f"- Seeds: {', '.join(str(s) for s in seeds) or 'none'}",
-             "- Overrides (every run): " + (" ".join(f"`{o}`" for o in overrides) if overrides else "none"),
+             ("- Overrides (every run; a method's own follow its name): " if len(sweep_dirs) > 1 else
+              "- Overrides (every run): ") + (" ".join(f"`{o}`" for o in overrides) if overrides else "none"),
              f"- Held-out data: `{manifest['eval_data']}`" if manifest.get("eval_data")
              else "- Held-out data: each recipe's own evaluation set",
              (f"- Diversity evaluation: {div.get('k')} samples per problem at temperature {div.get('temperature')}"
@@ -569,7 +578,7 @@ def _markdown(sweep_dir: str, manifest: dict, methods: Sequence[_Method], summar
     pk = f"Pass@{k}" if k is not None else "Pass@k"
     rows = []
     for m in methods:
-        s = ms[m.recipe]
+        s = ms[m.key]
         f, d = s["final"], s["diversity"] or {}
         rows.append([m.name, f"{len(s['seeds'])}/{len(m.runs)}", _fmt(f["eval_accuracy"], pct=True),
                      _fmt(f["reward"]), _fmt(f["entropy"]), _fmt(f["response_length"]), _fmt(f["kl"]),
@@ -577,13 +586,13 @@ def _markdown(sweep_dir: str, manifest: dict, methods: Sequence[_Method], summar
     lines += _table(["method", "seeds (finished/planned)", "final accuracy", "reward", "entropy", "length", "KL",
                      pk, "distinct answers"], rows) + [""]
 
-    kinds = list(dict.fromkeys(kk for m in methods for kk in ms[m.recipe]["kinds"]))
+    kinds = list(dict.fromkeys(kk for m in methods for kk in ms[m.key]["kinds"]))
     if kinds:
         lines += ["## Accuracy by problem kind", "", "At each finished run's last evaluation (`eval_records/`).", ""]
-        lines += _table(["method"] + kinds, [[m.name] + [_fmt(ms[m.recipe]["kinds"].get(kk), pct=True)
+        lines += _table(["method"] + kinds, [[m.name] + [_fmt(ms[m.key]["kinds"].get(kk), pct=True)
                                                          for kk in kinds] for m in methods]) + [""]
 
-    steps = sorted({int(s) for m in methods for s in ms[m.recipe]["eval_accuracy"]})
+    steps = sorted({int(s) for m in methods for s in ms[m.key]["eval_accuracy"]})
     if steps:
         lines += ["## Held-out accuracy per evaluation step", "",
                   "Every run that reached the step (partial runs included; n = runs).", ""]
@@ -591,27 +600,27 @@ def _markdown(sweep_dir: str, manifest: dict, methods: Sequence[_Method], summar
         for step in steps:
             row = [str(step)]
             for m in methods:
-                st = ms[m.recipe]["eval_accuracy"].get(str(step))
+                st = ms[m.key]["eval_accuracy"].get(str(step))
                 row.append(f"{_fmt(st, pct=True)} (n={len(st['values'])})" if st else "n/a")
             rows.append(row)
         lines += _table(["step"] + [m.name for m in methods], rows) + [""]
 
     omega_rows = [[m.name] + [f"{v:+.3f}" if math.isfinite(v) else "n/a" for v in omega]
-                  for m in methods if (omega := ms[m.recipe]["omega_by_entropy_decile"]) is not None]
+                  for m in methods if (omega := ms[m.key]["omega_by_entropy_decile"]) is not None]
     if omega_rows:
         lines += ["## Mean omega by student-entropy decile", "",
                   "Last step, mean across finished seeds (+: pulled toward the teacher, -: pushed away).", ""]
         lines += _table(["method"] + [f"d{d}" for d in range(DECILES)], omega_rows) + [""]
 
-    div_rows = [m for m in methods if ms[m.recipe]["diversity"]]
+    div_rows = [m for m in methods if ms[m.key]["diversity"]]
     if div_rows:
         lines += ["## Diversity", "", f"`dasd eval` of each finished run's final policy; {pk}: the unbiased estimator, "
                   "distinct answers: distinct non-null extracted answers per problem.", ""]
         lines += _table(["method", pk, "accuracy", "distinct answers", "distinct / n"],
-                        [[m.name, _fmt(ms[m.recipe]["diversity"]["pass_at_k"], pct=True),
-                          _fmt(ms[m.recipe]["diversity"]["accuracy"], pct=True),
-                          _fmt(ms[m.recipe]["diversity"]["distinct_answers"]),
-                          _fmt(ms[m.recipe]["diversity"]["distinct_fraction"])] for m in div_rows]) + [""]
+                        [[m.name, _fmt(ms[m.key]["diversity"]["pass_at_k"], pct=True),
+                          _fmt(ms[m.key]["diversity"]["accuracy"], pct=True),
+                          _fmt(ms[m.key]["diversity"]["distinct_answers"]),
+                          _fmt(ms[m.key]["diversity"]["distinct_fraction"])] for m in div_rows]) + [""]
 
     lines += ["## Plots", ""] + (sections or ["No plot could be drawn (see Notes).", ""])
     lines += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- every run finished and every metric was present"])
@@ -636,12 +645,20 @@ def _int_list(values: Any) -> list[int]:
         if isinstance(values, list) else []
 
 
-def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepReport:
-    """Aggregate the sweep in `sweep_dir` (see the module docstring) into `out_dir` (default `sweep_dir/report`).
+@dataclass
+class _Sweep:
+    """One sweep folder's manifest, read: its recipes, seeds, listed run folders and settings."""
+    folder: str
+    manifest: dict
+    recipes: list[str]
+    seeds: list[int]
+    listed: dict[tuple[str, int], str]
+    overrides: list[str]
+    k: Optional[int]
 
-    Raises FileNotFoundError when `sweep_dir` has no `sweep.json`; anything else missing is a note."""
+
+def _read_sweep(sweep_dir: str) -> _Sweep:
     manifest = _load_manifest(sweep_dir)
-    notes: list[str] = []
     recipes = list(dict.fromkeys(r for r in manifest.get("recipes") or [] if isinstance(r, str)))
     seeds = list(dict.fromkeys(_int_list(manifest.get("seeds"))))
     listed: dict[tuple[str, int], str] = {}
@@ -651,21 +668,73 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
             listed[(run["recipe"], run["seed"])] = run["run_dir"]
             recipes += [] if run["recipe"] in recipes else [run["recipe"]]
             seeds += [] if run["seed"] in seeds else [run["seed"]]
-    if not recipes:
-        notes.append(f"`{SWEEP_MANIFEST}` lists no recipes: nothing to compare")
     div = manifest.get("diversity")
     k = int(div["k"]) if isinstance(div, dict) and isinstance(div.get("k"), int) and div["k"] >= 1 else None
+    overrides = [o for o in manifest.get("overrides") or [] if isinstance(o, str)]
+    return _Sweep(sweep_dir, manifest, recipes, seeds, listed, overrides, k)
 
-    names = display_names(recipes)
+
+def _check_comparable(sweeps: Sequence[_Sweep]) -> None:
+    """Several sweeps go into one report only when their accuracies and Pass@k mean the same thing."""
+    evals = {s.folder: s.manifest.get("eval_data") for s in sweeps}
+    if len(set(evals.values())) > 1:
+        raise ValueError("the sweeps evaluate on different held-out data ("
+                         + "; ".join(f"{d}: {e or 'each recipe its own'}" for d, e in evals.items())
+                         + "), so their accuracies are not comparable. Fix: report them separately, or rerun with "
+                           "the same --eval-data")
+    ks = {s.folder: s.k for s in sweeps if s.k is not None}
+    if len(set(ks.values())) > 1:
+        raise ValueError("the sweeps' diversity evaluations draw different numbers of samples ("
+                         + "; ".join(f"{d}: k={k}" for d, k in ks.items()) + "), so their Pass@k differ in k. "
+                         "Fix: report them separately, or rerun with the same --diversity K")
+
+
+def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] = None) -> SweepReport:
+    """Aggregate the sweep in `sweep_dirs` (see the module docstring) into `out_dir` (default `SWEEP_DIR/report`).
+
+    Several sweep folders (a setting search: the same recipe with other overrides in each) make one report: a method
+    is a recipe with the overrides of its sweep that not every sweep shares (its name says them), and a method met in
+    two sweeps with the same overrides (seeds split across folders) pools its seeds. Their held-out data and diversity
+    k must agree (ValueError otherwise). The default output is then the first folder's `report/`.
+
+    Raises FileNotFoundError when a folder has no `sweep.json`; anything else missing is a note."""
+    dirs = [sweep_dirs] if isinstance(sweep_dirs, str) else list(dict.fromkeys(sweep_dirs))
+    if not dirs:
+        raise ValueError("no sweep folder given. Fix: pass the --out folder of a `dasd sweep`")
+    sweeps = [_read_sweep(d) for d in dirs]
+    _check_comparable(sweeps)
+    notes: list[str] = []
+    common = [o for o in sweeps[0].overrides if all(o in s.overrides for s in sweeps)]
+    k = next((s.k for s in sweeps if s.k is not None), None)
+    manifest = dict(sweeps[0].manifest, overrides=common,
+                    diversity=next((s.manifest["diversity"] for s in sweeps if s.k is not None), None))
+
+    # method key -> (recipe, its own overrides, [(seed, run_dir)])
+    groups: dict[str, tuple[str, list[str], list[tuple[int, str]]]] = {}
+    for sw in sweeps:
+        own = [o for o in sw.overrides if o not in common]
+        if not sw.recipes:
+            notes.append(f"`{os.path.join(sw.folder, SWEEP_MANIFEST)}` lists no recipes: nothing to compare")
+        for recipe in sw.recipes:
+            key = recipe if len(sweeps) == 1 else " ".join([recipe] + own)
+            runs = groups.setdefault(key, (recipe, own, []))[2]
+            for seed in sw.seeds:
+                if any(s == seed for s, _ in runs):
+                    notes.append(f"{key} seed {seed}: in more than one sweep; `{sw.folder}`'s copy left out")
+                    continue
+                rd = sw.listed.get((recipe, seed))
+                if rd is None:
+                    rd = os.path.join(recipe, f"seed{seed}")
+                    notes.append(f"{recipe} seed {seed}: not in `{SWEEP_MANIFEST}` runs; looked in `{rd}`")
+                runs.append((seed, rd if os.path.isabs(rd) else os.path.join(sw.folder, rd)))
+    seeds = list(dict.fromkeys(seed for _, _, runs in groups.values() for seed, _ in runs))
+
+    short = display_names(list(dict.fromkeys(recipe for recipe, _, _ in groups.values())))
     methods: list[_Method] = []
-    for recipe in recipes:
+    for key, (recipe, own, seed_dirs) in groups.items():
         runs = []
-        for seed in seeds:
-            rd = listed.get((recipe, seed))
-            if rd is None:
-                rd = os.path.join(recipe, f"seed{seed}")
-                notes.append(f"{recipe} seed {seed}: not in `{SWEEP_MANIFEST}` runs; looked in `{rd}`")
-            run = _Run(recipe, seed, rd if os.path.isabs(rd) else os.path.join(sweep_dir, rd))
+        for seed, rd in sorted(seed_dirs):
+            run = _Run(recipe, seed, rd)
             _load_metrics(run, notes)
             runs.append(run)
         top = max((r.last_step for r in runs if r.records), default=None)
@@ -673,7 +742,7 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
             # finished: reached the run's own train.steps (its config.json), else the method's furthest run
             end = r.planned_steps if r.planned_steps is not None else top
             r.status = "missing" if not r.records else "partial" if r.last_step < end else "finished"
-        m = _Method(recipe, names[recipe], runs)
+        m = _Method(recipe, " ".join([short[recipe]] + own), key, runs)
         for r in m.finished:
             if acc := _kind_accuracy(r, notes):
                 m.kinds[r.seed] = acc
@@ -682,14 +751,17 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
         methods.append(m)
     if k is None and any(m.diversity for m in methods):
         notes.append(f"`{SWEEP_MANIFEST}` has no diversity k: Pass@k uses each problem's n (Pass@n)")
+    sweep_dir = dirs[0]
+    div = manifest.get("diversity")
+    recipes = list(dict.fromkeys(m.recipe for m in methods))
 
-    summary = {"sweep_dir": os.path.abspath(sweep_dir), "recipes": recipes, "seeds": seeds,
-               "overrides": list(manifest.get("overrides") or []), "eval_data": manifest.get("eval_data"),
+    summary = {"sweep_dir": os.path.abspath(sweep_dir), "sweep_dirs": [os.path.abspath(d) for d in dirs],
+               "recipes": recipes, "seeds": seeds, "overrides": common, "eval_data": manifest.get("eval_data"),
                "diversity_settings": div if isinstance(div, dict) else None,
-               "methods": {m.recipe: _method_summary(m, k) for m in methods}}
+               "methods": {m.key: _method_summary(m, k) for m in methods}}
 
     for m in methods:
-        s = summary["methods"][m.recipe]
+        s = summary["methods"][m.key]
         if s["missing"]:
             notes.append(f"{m.name}: no `{METRICS_FILE}` for seed(s) {', '.join(map(str, s['missing']))} (missing "
                          "runs; rerun `dasd sweep` with the same arguments to resume)")
@@ -703,10 +775,10 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
                 notes.append(f"{m.name}: no {' / '.join(f'`{c}`' for c in cands)} in the finished runs")
         if m.finished and not s["final"]["reward"]["values"]:
             notes.append(f"{m.name}: no `{REWARD_KEY}` in the finished runs")
-    if methods and not any(summary["methods"][m.recipe]["kinds"] for m in methods):
+    if methods and not any(summary["methods"][m.key]["kinds"] for m in methods):
         notes.append(f"no accuracy by kind: no `{EVAL_RECORDS_DIR}/step_*.jsonl` with problem kinds in the finished "
                      "runs (per-kind section skipped)")
-    if methods and not any(summary["methods"][m.recipe]["diversity"] for m in methods):
+    if methods and not any(summary["methods"][m.key]["diversity"] for m in methods):
         notes.append("no diversity evaluation (`sweep_diversity/records/*.jsonl`) in the finished runs (diversity "
                      "section skipped; `dasd sweep --diversity K` adds it)")
 
@@ -735,5 +807,5 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None) -> SweepRe
         f.write("\n")
     md = os.path.join(out_dir, REPORT_FILE)
     with open(md, "w", encoding="utf-8") as f:
-        f.write("\n".join(_markdown(sweep_dir, manifest, methods, summary, k, sections, notes, seeds)) + "\n")
+        f.write("\n".join(_markdown(dirs, manifest, methods, summary, k, sections, notes, seeds)) + "\n")
     return SweepReport(out_dir=out_dir, summary=summary, plots=plots, report_md=md, notes=notes)
