@@ -392,3 +392,37 @@ def test_sweep_report_cli_takes_several_folders(tmp_path, capsys):
     small_sweep(tmp_path / "c", {DASD: {1: [0.3, 0.3, 0.3]}}, [], eval_data="elsewhere.jsonl")
     assert main(["sweep-report", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "different held-out data" in capsys.readouterr().err
+
+
+def test_archive_rebuilds_the_report_without_the_runs(tmp_path):
+    """`--archive` copies what the report reads (no checkpoints) into OUT/data/<sweep>/; after the run folders are
+    deleted the report built from the archive has the same numbers, and rebuilding it in place changes nothing."""
+    import shutil
+
+    from dasd_megatron.cli import main
+
+    make_sweep(tmp_path / "study")
+    small_sweep(tmp_path / "beta", {DASD: {1: [0.3, 0.4, 0.5], 2: [0.3, 0.42, 0.47]}}, ["loss.beta=0.1"],
+                eval_data="recipes/data/easy_arithmetic_study.jsonl")
+    (tmp_path / "study" / DASD / "seed1" / "weights").mkdir()  # a checkpoint: not archived
+    (tmp_path / "study" / DASD / "seed1" / "weights" / "big.bin").write_bytes(b"x" * 1000)
+    out = tmp_path / "report"
+    assert main(["sweep-report", str(tmp_path / "study"), str(tmp_path / "beta"), "--out", str(out), "--archive"]) == 0
+    before = json.loads((out / "summary.json").read_text())
+    data = out / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["beta", "study"]
+    run = data / "study" / DASD / "seed1"
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == [
+        "eval_records/step_00000008.jsonl", "metrics.jsonl", "sweep_diversity/metrics.json",
+        "sweep_diversity/records/easy.jsonl"]
+    shutil.rmtree(tmp_path / "study")
+    shutil.rmtree(tmp_path / "beta")
+
+    rebuilt = build_sweep_report([str(data / "study"), str(data / "beta")], str(out), archive=True)
+    for key in before["methods"]:
+        a, b = before["methods"][key], rebuilt.summary["methods"][key]
+        assert a["final"]["eval_accuracy"]["values"] == pytest.approx(b["final"]["eval_accuracy"]["values"])
+        assert a["kinds"].keys() == b["kinds"].keys()
+        assert (a["diversity"] or {}).get("pass_at_k") == (b["diversity"] or {}).get("pass_at_k")
+    assert rebuilt.summary["methods"][f"{DASD} train.steps=8"]["missing"] == [4]  # never started: still missing
+    assert json.loads((data / "study" / "sweep.json").read_text())["archived_from"] == str(tmp_path / "study")

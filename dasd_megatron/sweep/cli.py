@@ -36,6 +36,10 @@ def add_sweep_parsers(subparsers) -> None:
                    help="a sweep's --out folder; several (a setting search) make one report, each method named by "
                         "the overrides its sweep does not share with the others")
     r.add_argument("--out", help="output folder (default: the first SWEEP_DIR/report)")
+    r.add_argument("--archive", action="store_true",
+                   help="also copy the runs' metrics, configs, last evaluation records and diversity records (no "
+                        "checkpoints) into OUT/data/, a sweep folder per sweep: commit the report with its data and "
+                        "rebuild it later with `dasd sweep-report OUT/data/*`")
     r.set_defaults(func=cmd_sweep_report)
 
 
@@ -87,11 +91,13 @@ def cmd_sweep_report(args) -> int:
     from dasd_megatron.sweep.report import build_sweep_report
 
     try:
-        rep = build_sweep_report(args.sweep_dirs, args.out)
+        rep = build_sweep_report(args.sweep_dirs, args.out, archive=args.archive)
     except (FileNotFoundError, ValueError) as e:
         print(f"dasd sweep-report: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {rep.report_md}")
     for p in rep.plots:
         print(f"plot:   {p}")
+    for p in rep.archived:
+        print(f"data:   {p}")
     return 0

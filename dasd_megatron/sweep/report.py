@@ -32,7 +32,8 @@ is then a recipe plus the overrides of its sweep that the others do not share, a
 Outputs in `--out` (default `SWEEP_DIR/report/`, the first folder's): `summary.json` (the `SweepReport.summary` dict, NaN as null),
 `sweep_report.md` (tables, the plots embedded by relative path, notes on whatever was skipped) and the plots
 `accuracy.png`, `final.png`, `training.png`, `omega_deciles.png`, `diversity.png` (a plot without data is skipped with
-a note, never an error). Rendering uses `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend change).
+a note, never an error); with `--archive`, `data/<sweep>/`: each sweep's `sweep.json` and its runs' small files (no
+checkpoints), itself a sweep folder the report can be rebuilt from. Rendering uses `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend change).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -59,6 +61,7 @@ SWEEP_MANIFEST = MANIFEST
 EVAL_RECORDS_DIR = "eval_records"  # written by `Trainer.evaluate`
 DIVERSITY_RECORDS = os.path.join(DIVERSITY_DIR, "records")
 SUMMARY_FILE = "summary.json"
+ARCHIVE_DIR = "data"  # `--archive`: the runs' small files, a sweep folder per sweep
 REPORT_FILE = "sweep_report.md"
 DECILES = 10
 OMEGA_DECILE_KEY = "router/omega_mean_decile_{}"
@@ -638,6 +641,7 @@ class SweepReport:
     plots: list[str]  # paths of the PNGs written
     report_md: str  # path of sweep_report.md
     notes: list[str] = field(default_factory=list)
+    archived: list[str] = field(default_factory=list)  # the sweep folders written under out_dir/data (archive=True)
 
 
 def _int_list(values: Any) -> list[int]:
@@ -674,6 +678,60 @@ def _read_sweep(sweep_dir: str) -> _Sweep:
     return _Sweep(sweep_dir, manifest, recipes, seeds, listed, overrides, k)
 
 
+def _run_dir(sw: _Sweep, recipe: str, seed: int) -> str:
+    rd = sw.listed.get((recipe, seed)) or os.path.join(recipe, f"seed{seed}")
+    return rd if os.path.isabs(rd) else os.path.join(sw.folder, rd)
+
+
+def _copy(src: str, dst: str) -> None:
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return  # the report regenerated from its own archive
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def _archive(sweeps: Sequence[_Sweep], dest: str) -> list[str]:
+    """Copy what the report reads, without checkpoints, into `dest/<sweep name>/`: each a sweep folder of its own
+    (`sweep.json` with relative run folders; per run `metrics.jsonl`, `config.json`, the last `eval_records/` file and
+    the finished diversity evaluation), so `dasd sweep-report dest/*` rebuilds the report where the runs are gone."""
+    written, names = [], set()
+    for sw in sweeps:
+        name = os.path.basename(os.path.abspath(sw.folder)) or "sweep"
+        while name in names:
+            name += "_"
+        names.add(name)
+        root = os.path.join(dest, name)
+        runs = []
+        for recipe in sw.recipes:
+            for seed in sw.seeds:
+                src, rel = _run_dir(sw, recipe, seed), os.path.join(recipe, f"seed{seed}")
+                files = [f for f in (METRICS_FILE, "config.json") if os.path.isfile(os.path.join(src, f))]
+                if METRICS_FILE not in files:
+                    continue
+                evals = os.path.join(src, EVAL_RECORDS_DIR)
+                steps = [n for n in os.listdir(evals) if _STEP_FILE.match(n)] if os.path.isdir(evals) else []
+                files += [os.path.join(EVAL_RECORDS_DIR, max(steps))] if steps else []
+                div = os.path.join(src, DIVERSITY_DIR)
+                if os.path.isfile(os.path.join(div, "metrics.json")):
+                    files.append(os.path.join(DIVERSITY_DIR, "metrics.json"))
+                    files += [os.path.join(DIVERSITY_RECORDS, n) for n in sorted(os.listdir(os.path.join(
+                        src, DIVERSITY_RECORDS))) if n.endswith(".jsonl")]
+                for f in files:
+                    _copy(os.path.join(src, f), os.path.join(root, rel, f))
+                runs.append({"recipe": recipe, "seed": seed, "run_dir": rel})
+        manifest = dict(sw.manifest, runs=runs, archived_from=os.path.abspath(sw.folder))
+        if os.path.isfile(os.path.join(root, SWEEP_MANIFEST)) and os.path.samefile(
+                os.path.join(root, SWEEP_MANIFEST), os.path.join(sw.folder, SWEEP_MANIFEST)):
+            continue  # regenerated from this archive: leave it as it is
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, SWEEP_MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        written.append(root)
+    return written
+
+
 def _check_comparable(sweeps: Sequence[_Sweep]) -> None:
     """Several sweeps go into one report only when their accuracies and Pass@k mean the same thing."""
     evals = {s.folder: s.manifest.get("eval_data") for s in sweeps}
@@ -689,13 +747,17 @@ def _check_comparable(sweeps: Sequence[_Sweep]) -> None:
                          "Fix: report them separately, or rerun with the same --diversity K")
 
 
-def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] = None) -> SweepReport:
+def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] = None, *,
+                       archive: bool = False) -> SweepReport:
     """Aggregate the sweep in `sweep_dirs` (see the module docstring) into `out_dir` (default `SWEEP_DIR/report`).
 
     Several sweep folders (a setting search: the same recipe with other overrides in each) make one report: a method
     is a recipe with the overrides of its sweep that not every sweep shares (its name says them), and a method met in
     two sweeps with the same overrides (seeds split across folders) pools its seeds. Their held-out data and diversity
     k must agree (ValueError otherwise). The default output is then the first folder's `report/`.
+
+    `archive`: also copy the runs' small files into `out_dir/data/` (`_archive`): a report that can be committed
+    with its data and rebuilt from it (`dasd sweep-report out_dir/data/*`) once the run folders are gone.
 
     Raises FileNotFoundError when a folder has no `sweep.json`; anything else missing is a note."""
     dirs = [sweep_dirs] if isinstance(sweep_dirs, str) else list(dict.fromkeys(sweep_dirs))
@@ -722,11 +784,10 @@ def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] =
                 if any(s == seed for s, _ in runs):
                     notes.append(f"{key} seed {seed}: in more than one sweep; `{sw.folder}`'s copy left out")
                     continue
-                rd = sw.listed.get((recipe, seed))
-                if rd is None:
-                    rd = os.path.join(recipe, f"seed{seed}")
-                    notes.append(f"{recipe} seed {seed}: not in `{SWEEP_MANIFEST}` runs; looked in `{rd}`")
-                runs.append((seed, rd if os.path.isabs(rd) else os.path.join(sw.folder, rd)))
+                if (recipe, seed) not in sw.listed:
+                    notes.append(f"{recipe} seed {seed}: not in `{SWEEP_MANIFEST}` runs; looked in "
+                                 f"`{os.path.join(recipe, f'seed{seed}')}`")
+                runs.append((seed, _run_dir(sw, recipe, seed)))
     seeds = list(dict.fromkeys(seed for _, _, runs in groups.values() for seed, _ in runs))
 
     short = display_names(list(dict.fromkeys(recipe for recipe, _, _ in groups.values())))
@@ -808,4 +869,5 @@ def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] =
     md = os.path.join(out_dir, REPORT_FILE)
     with open(md, "w", encoding="utf-8") as f:
         f.write("\n".join(_markdown(dirs, manifest, methods, summary, k, sections, notes, seeds)) + "\n")
-    return SweepReport(out_dir=out_dir, summary=summary, plots=plots, report_md=md, notes=notes)
+    archived = _archive(sweeps, os.path.join(out_dir, ARCHIVE_DIR)) if archive else []
+    return SweepReport(out_dir=out_dir, summary=summary, plots=plots, report_md=md, notes=notes, archived=archived)
