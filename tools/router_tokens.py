@@ -55,7 +55,7 @@ def token_spans(tokenizer: Any, ids: list[int]) -> list[tuple[int, int]]:
 
 
 def response_stats(model, prompt_ids: list[int], resp_ids: list[int], temperature: float):
-    """(logp of each response token, full-vocabulary entropy, log-probs) at `temperature`, float64."""
+    """(log-prob of each response token, full-vocabulary entropy) at `temperature`, float64."""
     ids = torch.tensor([prompt_ids + resp_ids])
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt_ids) - 1: -1].double() / temperature
@@ -68,6 +68,8 @@ def response_stats(model, prompt_ids: list[int], resp_ids: list[int], temperatur
 
 def analyse(model, tokenizer, examples, prompt_cfg, loss_cfg, *, samples: int, temperature: float,
             max_new_tokens: int, seed: int, scorer) -> dict:
+    """Sample, score and route (see the module docstring). Returns the summary (`markdown` prints it) and, under
+    `detail`, the per-token tensors (entropy, delta, omega, rollout id, is-answer) and the response texts."""
     from dasd_megatron.data.prompts import build_prompt_pair
     from dasd_megatron.loss.rollout_stats import compute_rollout_stats
     from dasd_megatron.loss.router import normalized_gap, router_omega
@@ -130,7 +132,10 @@ def analyse(model, tokenizer, examples, prompt_cfg, loss_cfg, *, samples: int, t
         table[name] = {"tokens": len(rows), "entropy": float(H[sel].mean()),
                        "pushed": float((omega[sel] < 0).double().mean()), "omega": float(omega[sel].mean()),
                        "delta": float(delta[sel].mean()), "p_teacher": float(p_teacher[sel].mean())}
-    return {"rollouts": len(rollouts), "correct": sum(r.status == "correct" for r in results),
+    detail = {"entropy": H, "delta": delta, "omega": omega, "rollout": index,
+              "answer": torch.tensor([r in {x for k, v in groups.items() if k.startswith("answer/") for x in v}
+                                      for r in range(H.numel())]), "texts": texts}
+    return {"detail": detail, "rollouts": len(rollouts), "correct": sum(r.status == "correct" for r in results),
             "tokens": int(H.numel()), "pushed": float((omega < 0).double().mean()), "groups": table,
             "answer_is_top_entropy": top_is_answer / with_answer if with_answer else math.nan,
             "responses_with_answer": with_answer}
@@ -185,6 +190,7 @@ def main(argv=None) -> int:
         res = analyse(model, tokenizer, examples, cfg.data.prompt, cfg.loss, samples=args.samples,
                       temperature=cfg.rollout.temperature, max_new_tokens=cfg.train.max_response_tokens,
                       seed=args.seed, scorer=scorer)
+    res.pop("detail")
     res.update(recipe=args.recipe, model=model_dir, problems=len(examples), samples=args.samples)
     print(markdown(res))
     if args.out:
