@@ -76,3 +76,21 @@ def test_analyse_routes_every_token_as_the_method_says(tiny):
         assert answer[rollout == r].sum() == (1 if has_number else 0), text
     assert math.isnan(res["answer_is_top_entropy"]) or 0 <= res["answer_is_top_entropy"] <= 1
     assert "| tokens | n |" in markdown(res)
+
+
+def test_greedy_accuracy_of_student_and_teacher_prompts(tiny):
+    """Both prompts are decoded greedily and scored by the real reward: the fractions agree with decoding the same
+    prompts here and checking the last number against the gold."""
+    from dasd_megatron.data.prompts import build_prompt_pair
+    from dasd_megatron.reward import last_number
+    from tools.router_tokens import greedy_accuracy
+
+    model, tok = tiny
+    examples = [MathExample(0, "What is 2 + 3 ?", "5", "2 + 3 = 5", "test")]
+    with RewardScorer(RewardConfig(num_workers=1, last_number_fallback=True)) as scorer:
+        acc = greedy_accuracy(model, tok, examples, PromptConfig(), max_new_tokens=4, scorer=scorer)
+    pair = build_prompt_pair(tok, examples[0], PromptConfig())
+    for side, ids in (("student", pair.student_ids), ("teacher", pair.teacher_ids)):
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=4, pad_token_id=2)
+        said = last_number(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+        assert acc[side] == float(said == "5"), side

@@ -1,7 +1,7 @@
 """Which tokens does DASD's router pull and which does it push? Per-token omega on sampled responses, by token role.
 
     python tools/router_tokens.py [--recipe smollm2_135m_dasd_cpu] [--model HF_DIR] [--data FILE] [--problems 64]
-                                  [--samples 4] [--seed 0] [--out router_tokens.json]
+                                  [--samples 4] [--seed 0] [--greedy] [--out router_tokens.json]
 
 It samples `--samples` responses per problem from a Hugging Face model (default: the recipe's base model) at the
 recipe's rollout temperature, scores them with the project's reward (`RewardScorer`), and computes what the DASD loss
@@ -141,6 +141,25 @@ def analyse(model, tokenizer, examples, prompt_cfg, loss_cfg, *, samples: int, t
             "responses_with_answer": with_answer}
 
 
+def greedy_accuracy(model, tokenizer, examples, prompt_cfg, *, max_new_tokens: int, scorer) -> dict:
+    """Greedy accuracy of the student prompt and of the teacher prompt (the privileged context in view): how much the
+    teacher knows that the student does not."""
+    from dasd_megatron.data.prompts import build_prompt_pair
+
+    eos = tokenizer.eos_token_id
+    texts: dict[str, list[str]] = {"student": [], "teacher": []}
+    for ex in examples:
+        pair = build_prompt_pair(tokenizer, ex, prompt_cfg)
+        for side, ids in (("student", pair.student_ids), ("teacher", pair.teacher_ids)):
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=eos if eos is not None else 0)
+            texts[side].append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    golds = [ex.answer for ex in examples]
+    return {side: sum(r.status == "correct" for r in scorer.score(t, golds)) / max(len(examples), 1)
+            for side, t in texts.items()}
+
+
 def markdown(res: dict) -> str:
     lines = [f"{res['rollouts']} responses ({res['correct']} correct), {res['tokens']} tokens, "
              f"{100 * res['pushed']:.1f}% pushed (omega < 0). The answer is its response's highest-entropy token in "
@@ -148,6 +167,10 @@ def markdown(res: dict) -> str:
              "answer.", "",
              "| tokens | n | mean entropy | pushed (omega < 0) | mean omega | mean delta | mean p_teacher(token) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if "greedy" in res:
+        lines = [f"Greedy accuracy on these problems: {100 * res['greedy']['student']:.1f}% from the student prompt, "
+                 f"{100 * res['greedy']['teacher']:.1f}% from the teacher prompt (privileged context in view).", ""] \
+            + lines
     for name, g in res["groups"].items():
         lines.append(f"| {name} | {g['tokens']} | {g['entropy']:.3f} | {100 * g['pushed']:.1f}% | {g['omega']:+.3f} | "
                      f"{g['delta']:+.3f} | {g['p_teacher']:.3f} |")
@@ -163,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the numbers as JSON here")
+    p.add_argument("--greedy", action="store_true",
+                   help="also decode every problem greedily from the student and from the teacher prompt and score "
+                        "both: what the privileged context is worth to this model")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -190,6 +216,9 @@ def main(argv=None) -> int:
         res = analyse(model, tokenizer, examples, cfg.data.prompt, cfg.loss, samples=args.samples,
                       temperature=cfg.rollout.temperature, max_new_tokens=cfg.train.max_response_tokens,
                       seed=args.seed, scorer=scorer)
+        if args.greedy:
+            res["greedy"] = greedy_accuracy(model, tokenizer, examples, cfg.data.prompt,
+                                            max_new_tokens=cfg.train.max_response_tokens, scorer=scorer)
     res.pop("detail")
     res.update(recipe=args.recipe, model=model_dir, problems=len(examples), samples=args.samples)
     print(markdown(res))
