@@ -15,7 +15,7 @@ def add_sweep_parsers(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="train every recipe x seed (locally in turn, or as SLURM jobs); resumable",
                               description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", required=True, help="comma-separated registered recipes (dasd submit --list)")
-    p.add_argument("--seeds", required=True, help="a count (3: seeds 1, 2, 3) or a list (1,7,42)")
+    p.add_argument("--seeds", required=True, help="a count (3: seeds 1, 2, 3) or a list (1,7,42; '3,': seed 3 alone)")
     p.add_argument("--out", required=True, help="the sweep folder (OUT/<recipe>/seed<s> per run, OUT/sweep.json)")
     p.add_argument("--eval-data", help="held-out file every run evaluates on in the loop (all of it; the CPU "
                                        "easy-arithmetic recipes default to the method study's split)")

@@ -105,7 +105,7 @@ class SweepSpec:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``3`` -> seeds 1, 2, 3; ``1,7,42`` -> those seeds."""
+    """``3`` -> seeds 1, 2, 3; ``1,7,42`` -> those seeds; ``3,`` -> seed 3 alone."""
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
