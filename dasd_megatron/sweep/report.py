@@ -21,19 +21,20 @@ Inputs (written by `dasd sweep` and `dasd train`; everything but `sweep.json` ma
 
 A run is *missing* without metrics, *partial* when its last step is below its `train.steps` (from the run's
 `config.json`; without one, below the largest last step among its method's runs), *finished* otherwise (a sweep
-still in progress reports its running run as partial). Per-step curves use every run that has the step; end-of-training quantities (`final`,
-`kinds`, `omega_by_entropy_decile`, `diversity`) use finished runs only, so that a crashed run's early numbers are
-not averaged with the others' final ones.
+still in progress reports its running run as partial). Per-step curves use every run that has the step;
+end-of-training quantities (`final`, `kinds`, `omega_by_entropy_decile`, `diversity`) use finished runs only, so
+that a crashed run's early numbers are not averaged with the others' final ones.
 
 Several sweep folders make one report (a setting search: each sweep the same recipes with other overrides): a method
 is then a recipe plus the overrides of its sweep that the others do not share, and its name says them
 (`dasd loss.beta=0.1`); `build_sweep_report` has the rules.
 
-Outputs in `--out` (default `SWEEP_DIR/report/`, the first folder's): `summary.json` (the `SweepReport.summary` dict, NaN as null),
-`sweep_report.md` (tables, the plots embedded by relative path, notes on whatever was skipped) and the plots
-`accuracy.png`, `final.png`, `training.png`, `omega_deciles.png`, `diversity.png` (a plot without data is skipped with
-a note, never an error); with `--archive`, `data/<sweep>/`: each sweep's `sweep.json` and its runs' small files (no
-checkpoints), itself a sweep folder the report can be rebuilt from. Rendering uses `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend change).
+Outputs in `--out` (default `SWEEP_DIR/report/`, the first folder's): `summary.json` (the `SweepReport.summary`
+dict, NaN as null), `sweep_report.md` (tables, the plots embedded by relative path, notes on whatever was skipped)
+and the plots `accuracy.png`, `final.png`, `training.png`, `omega_deciles.png`, `diversity.png` (a plot without data
+is skipped with a note, never an error); with `--archive`, `data/<sweep>/`: each sweep's `sweep.json` and its runs'
+small files (no checkpoints), itself a sweep folder the report can be rebuilt from. Rendering uses
+`matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend change).
 """
 
 from __future__ import annotations
