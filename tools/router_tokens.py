@@ -2,6 +2,7 @@
 
     python tools/router_tokens.py [--recipe smollm2_135m_dasd_cpu] [--model HF_DIR] [--data FILE] [--problems 64]
                                   [--samples 4] [--seed 0] [--greedy] [--out router_tokens.json]
+                                  [key=value ...]
 
 It samples `--samples` responses per problem from a Hugging Face model (default: the recipe's base model) at the
 recipe's rollout temperature, scores them with the project's reward (`RewardScorer`), and computes what the DASD loss
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the numbers as JSON here")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, as for dasd train (loss.rho=0.2)")
     p.add_argument("--greedy", action="store_true",
                    help="also decode every problem greedily from the student and from the teacher prompt and score "
                         "both: what the privileged context is worth to this model")
@@ -204,7 +206,9 @@ def main(argv=None) -> int:
     from dasd_megatron.reward import RewardScorer
     from recipes import get_recipe
 
-    cfg = get_recipe(args.recipe).config
+    from dasd_megatron.config import apply_overrides
+
+    cfg = apply_overrides(get_recipe(args.recipe).config, args.overrides)
     model_dir = args.model or resolve_pretrained(cfg.model.hf_config)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
             res["greedy"] = greedy_accuracy(model, tokenizer, examples, cfg.data.prompt,
                                             max_new_tokens=cfg.train.max_response_tokens, scorer=scorer)
     res.pop("detail")
-    res.update(recipe=args.recipe, model=model_dir, problems=len(examples), samples=args.samples)
+    res.update(recipe=args.recipe, overrides=args.overrides, model=model_dir, problems=len(examples), samples=args.samples)
     print(markdown(res))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
