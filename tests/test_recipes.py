@@ -116,6 +116,21 @@ def test_methods_are_the_paper_special_cases():
         loss_for("ppo")
 
 
+def test_main_job_dasd_uses_the_study_rho_and_nothing_else_changes():
+    """The main job's DASD recipe routes with rho 0.05 (docs/method_study.md's search); the baselines, the study's
+    ablations and the LoRA recipe keep the method's own loss (rho 0.2), and every SmolLM2 recipe shares the rest."""
+    from recipes.smollm2 import MAIN_JOB_RHO, TEMPERATURE
+
+    main = get_recipe("smollm2_135m_dasd_cpu").config
+    assert MAIN_JOB_RHO == 0.05 and main.loss == dataclasses.replace(loss_for("dasd", temperature=TEMPERATURE),
+                                                                     rho=MAIN_JOB_RHO)
+    for method in ("grpo", "opsd", "dasd_hard", "dasd_nogate"):
+        other = get_recipe(f"smollm2_135m_{method}_cpu").config
+        assert other.loss == loss_for(method, temperature=TEMPERATURE)
+        assert (other.train, other.data, other.optim, other.rollout) == (main.train, main.data, main.optim, main.rollout)
+    assert get_recipe("smollm2_135m_dasd_lora_cpu").config.loss.rho == 0.2
+
+
 def test_overrides_reach_config_trainer_and_placement():
     r = resolve_recipe("qwen3_4b_dasd_2node_h100_bf16",
                        ["train.max_response_tokens=12000", "trainer.nodes=4", "placement.servers_per_node=4",
