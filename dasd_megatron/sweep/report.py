@@ -789,7 +789,7 @@ def build_sweep_report(sweep_dirs: str | Sequence[str], out_dir: Optional[str] =
                     notes.append(f"{recipe} seed {seed}: not in `{SWEEP_MANIFEST}` runs; looked in "
                                  f"`{os.path.join(recipe, f'seed{seed}')}`")
                 runs.append((seed, _run_dir(sw, recipe, seed)))
-    seeds = list(dict.fromkeys(seed for _, _, runs in groups.values() for seed, _ in runs))
+    seeds = sorted(dict.fromkeys(seed for _, _, runs in groups.values() for seed, _ in runs))
 
     short = display_names(list(dict.fromkeys(recipe for recipe, _, _ in groups.values())))
     methods: list[_Method] = []
