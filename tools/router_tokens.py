@@ -11,7 +11,7 @@ the recipe's loss config): per token the student entropy H_t, the teacher-studen
 model fed the recipe's privileged prompt) and omega_t. Tokens are split by role: `answer` (the tokens that spell the
 extracted final answer, e.g. the last number with `reward.last_number_fallback`) and `other`, each for correct and
 wrong responses. Printed: a Markdown table (tokens, mean entropy, fraction pushed (omega < 0), mean omega, mean
-delta, mean teacher probability of the token) and how often an answer token is its response's highest-entropy
+delta, mean teacher probability of the token; all at the rollout temperature, as the loss sees them) and how often an answer token is its response's highest-entropy
 token. All statistics are float64, one process, no megatron (an analysis, not the training path).
 
 Why: on short-answer tasks the answer's digits are the uncertain tokens, and there the privileged teacher knows the
@@ -133,9 +133,11 @@ def analyse(model, tokenizer, examples, prompt_cfg, loss_cfg, *, samples: int, t
         table[name] = {"tokens": len(rows), "entropy": float(H[sel].mean()),
                        "pushed": float((omega[sel] < 0).double().mean()), "omega": float(omega[sel].mean()),
                        "delta": float(delta[sel].mean()), "p_teacher": float(p_teacher[sel].mean())}
-    detail = {"entropy": H, "delta": delta, "omega": omega, "rollout": index,
-              "answer": torch.tensor([r in {x for k, v in groups.items() if k.startswith("answer/") for x in v}
-                                      for r in range(H.numel())]), "texts": texts}
+    is_answer = torch.zeros(H.numel(), dtype=torch.bool)
+    for name, rows in groups.items():
+        if name.startswith("answer/") and rows:
+            is_answer[torch.tensor(rows)] = True
+    detail = {"entropy": H, "delta": delta, "omega": omega, "rollout": index, "answer": is_answer, "texts": texts}
     return {"detail": detail, "rollouts": len(rollouts), "correct": sum(r.status == "correct" for r in results),
             "tokens": int(H.numel()), "pushed": float((omega < 0).double().mean()), "groups": table,
             "answer_is_top_entropy": top_is_answer / with_answer if with_answer else math.nan,
