@@ -11,8 +11,8 @@ the recipe's loss config): per token the student entropy H_t, the teacher-studen
 model fed the recipe's privileged prompt) and omega_t. Tokens are split by role: `answer` (the tokens that spell the
 extracted final answer, e.g. the last number with `reward.last_number_fallback`) and `other`, each for correct and
 wrong responses. Printed: a Markdown table (tokens, mean entropy, fraction pushed (omega < 0), mean omega, mean
-delta, mean teacher probability of the token; all at the rollout temperature, as the loss sees them) and how often an answer token is its response's highest-entropy
-token. All statistics are float64, one process, no megatron (an analysis, not the training path).
+delta, mean teacher probability of the token; all at the rollout temperature, as the loss sees them) and how often
+an answer token is its response's highest-entropy token. All statistics are float64, one process, no megatron (an analysis, not the training path).
 
 Why: on short-answer tasks the answer's digits are the uncertain tokens, and there the privileged teacher knows the
 answer. If the router pushes them (omega < 0), the teacher term drives probability away from the right answer.
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
             res["greedy"] = greedy_accuracy(model, tokenizer, examples, cfg.data.prompt,
                                             max_new_tokens=cfg.train.max_response_tokens, scorer=scorer)
     res.pop("detail")
-    res.update(recipe=args.recipe, overrides=args.overrides, model=model_dir, problems=len(examples), samples=args.samples)
+    res.update(recipe=args.recipe, overrides=args.overrides, model=model_dir, problems=len(examples),
+               samples=args.samples)
     print(markdown(res))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
