@@ -12,7 +12,8 @@ model fed the recipe's privileged prompt) and omega_t. Tokens are split by role:
 extracted final answer, e.g. the last number with `reward.last_number_fallback`) and `other`, each for correct and
 wrong responses. Printed: a Markdown table (tokens, mean entropy, fraction pushed (omega < 0), mean omega, mean
 delta, mean teacher probability of the token; all at the rollout temperature, as the loss sees them) and how often
-an answer token is its response's highest-entropy token. All statistics are float64, one process, no megatron (an analysis, not the training path).
+an answer token is its response's highest-entropy token. All statistics are float64, one process, no megatron (an
+analysis, not the training path).
 
 Why: on short-answer tasks the answer's digits are the uncertain tokens, and there the privileged teacher knows the
 answer. If the router pushes them (omega < 0), the teacher term drives probability away from the right answer.
