@@ -17,7 +17,8 @@ had only reached 47.3% by step 7.
 
 The DASD recipe's router quantile is `MAIN_JOB_RHO` = 0.05, not the paper's 0.2: the method study
 (docs/method_study.md, on its own held-out split, 3 seeds) found DASD at rho 0.2 no better than the base model
-(28.6% against 29.8%) and below GRPO on every seed (48.7%), and DASD at rho 0.05 above GRPO on every seed (67.1%).
+(28.6% against 29.8%) and below GRPO on every seed (48.7%), and DASD at rho 0.05 above GRPO on every seed: 64.8%
+against 47.2% over 5 seeds. On the 128 problems above, this recipe goes 45.3% -> 78.1% (60.2% at rho 0.2).
 The ablation recipes (`dasd_hard`, `dasd_nogate`) and the LoRA recipe keep rho 0.2, the setting they were measured at.
 """
 
