@@ -44,7 +44,7 @@ EASY_ARITHMETIC_STUDY = str(Path(__file__).resolve().parent / "data" / "easy_ari
 """The method study's held-out set (`dasd_megatron.data.synthetic.study_split`): `dasd sweep`'s default evaluation."""
 TEMPERATURE = 0.7
 MAIN_JOB_RHO = 0.05
-"""`loss.rho` of `smollm2_135m_dasd_cpu`: only the top 5% student-entropy tokens of a response are pushed (docstring)."""
+"""`loss.rho` of `smollm2_135m_dasd_cpu`: only a response's top 5% student-entropy tokens are pushed (see above)."""
 
 
 def smollm2_135m_cpu(method: str = "dasd", rho: float | None = None) -> Recipe:
