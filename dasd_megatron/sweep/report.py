@@ -713,11 +713,11 @@ def _archive(sweeps: Sequence[_Sweep], dest: str) -> list[str]:
                 evals = os.path.join(src, EVAL_RECORDS_DIR)
                 steps = [n for n in os.listdir(evals) if _STEP_FILE.match(n)] if os.path.isdir(evals) else []
                 files += [os.path.join(EVAL_RECORDS_DIR, max(steps))] if steps else []
-                div = os.path.join(src, DIVERSITY_DIR)
-                if os.path.isfile(os.path.join(div, "metrics.json")):
+                records = os.path.join(src, DIVERSITY_RECORDS)
+                if os.path.isfile(os.path.join(src, DIVERSITY_DIR, "metrics.json")) and os.path.isdir(records):
                     files.append(os.path.join(DIVERSITY_DIR, "metrics.json"))
-                    files += [os.path.join(DIVERSITY_RECORDS, n) for n in sorted(os.listdir(os.path.join(
-                        src, DIVERSITY_RECORDS))) if n.endswith(".jsonl")]
+                    files += [os.path.join(DIVERSITY_RECORDS, n) for n in sorted(os.listdir(records))
+                              if n.endswith(".jsonl")]
                 for f in files:
                     _copy(os.path.join(src, f), os.path.join(root, rel, f))
                 runs.append({"recipe": recipe, "seed": seed, "run_dir": rel})
